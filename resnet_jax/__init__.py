@@ -1,0 +1,1 @@
+"""resnet_jax: the ResNet family in Flax linen."""
