@@ -1,0 +1,144 @@
+"""Building pieces shared by every block: norm factory, shortcuts, squeeze-excite, drop path.
+
+Padding is explicit and symmetric (k // 2 on each side), as in torchvision, so converted
+weights give matching logits; XLA's "SAME" pads stride-2 convs asymmetrically.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# torchvision initialises convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class NormFactory(Protocol):
+  """Makes a normalisation layer over `features` channels, named `name`."""
+
+  def __call__(self, features: int, name: str, zero_init: bool = False) -> nn.Module:
+    ...
+
+
+def make_conv(dtype: Dtype, param_dtype: Dtype) -> Callable[..., nn.Conv]:
+  """A bias-free conv with torchvision's initialiser and the given dtypes."""
+  return functools.partial(
+      nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, param_dtype=param_dtype)
+
+
+def make_norm(
+    kind: str,
+    *,
+    train: bool,
+    momentum: float,
+    epsilon: float,
+    axis_name: str | None,
+    dtype: Dtype,
+    param_dtype: Dtype,
+) -> NormFactory:
+  """BatchNorm (statistics in `batch_stats`, synced over `axis_name`) or GroupNorm.
+
+  `zero_init=True` starts the scale at zero: used for the last norm of a residual branch.
+  """
+  if kind not in ("batch", "group"):
+    raise ValueError(f"norm={kind!r}: must be 'batch' or 'group'")
+
+  def norm(features: int, name: str, zero_init: bool = False) -> nn.Module:
+    scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
+    if kind == "batch":
+      return nn.BatchNorm(
+          use_running_average=not train, momentum=momentum, epsilon=epsilon,
+          axis_name=axis_name, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init,
+          name=name)
+    # 32 groups (Wu & He, 2018), fewer where a layer has fewer channels (CIFAR nets).
+    return nn.GroupNorm(
+        num_groups=math.gcd(32, features), epsilon=epsilon, dtype=dtype,
+        param_dtype=param_dtype, scale_init=scale_init, name=name)
+
+  return norm
+
+
+def conv_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """torchvision's symmetric padding for an odd kernel."""
+  return ((kernel_size // 2, kernel_size // 2),) * 2
+
+
+def max_pool_3x3_s2(x: Array) -> Array:
+  """The ImageNet stem's max-pool (3×3, stride 2, padding 1)."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class Shortcut(nn.Module):
+  """The skip connection of a residual block, for every kind of ResNet.
+
+  - identity when shape is unchanged;
+  - "projection": 1×1 conv "conv" (with the block's stride) + norm "bn" (option B, torchvision);
+  - "avgpool": 2×2 average pool, then 1×1 conv + norm (ResNet-D, Bag of Tricks);
+  - "zero_pad": strided identity with zero-padded channels, no parameters (option A,
+    the CIFAR nets of He et al. 2015).
+  `norm=None` leaves the projection un-normalised (pre-activation blocks).
+  """
+
+  kind: str
+  features: int
+  strides: int
+  conv: Callable[..., nn.Conv]
+  norm: NormFactory | None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if x.shape[-1] == self.features and self.strides == 1:
+      return x
+    if self.kind == "zero_pad":
+      x = x[:, ::self.strides, ::self.strides, :]
+      pad = self.features - x.shape[-1]
+      return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad // 2, pad - pad // 2)))
+    if self.kind == "avgpool":
+      if self.strides > 1:
+        x = nn.avg_pool(x, (self.strides, self.strides), strides=(self.strides, self.strides),
+                        padding="SAME", count_include_pad=False)
+      x = self.conv(self.features, (1, 1), name="conv")(x)
+    elif self.kind == "projection":
+      x = self.conv(self.features, (1, 1), strides=self.strides, name="conv")(x)
+    else:
+      raise ValueError(f"shortcut={self.kind!r}: must be 'projection', 'avgpool' or 'zero_pad'")
+    if self.norm is not None:
+      x = self.norm(self.features, "bn")(x)
+    return x
+
+
+class SqueezeExcite(nn.Module):
+  """Channel attention (Hu et al., 2018): x * sigmoid(fc2(relu(fc1(mean(x)))))."""
+
+  reduced_features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dense = functools.partial(nn.Conv, kernel_size=(1, 1), dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = nn.relu(dense(self.reduced_features, name="fc1")(s))
+    s = nn.sigmoid(dense(x.shape[-1], name="fc2")(s))
+    return x * s
+
+
+def drop_path(module: nn.Module, x: Array, rate: float, train: bool) -> Array:
+  """Stochastic depth: zeroes the whole residual branch of some examples in training.
+
+  Randomness comes from the module's explicit "drop_path" PRNG stream; eval is the identity.
+  """
+  if rate == 0.0 or not train:
+    return x
+  keep_prob = 1.0 - rate
+  keep = jax.random.bernoulli(module.make_rng("drop_path"), keep_prob, (x.shape[0], 1, 1, 1))
+  return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))

@@ -1,0 +1,117 @@
+"""The training configuration: every key with its default, and validation up front.
+
+Config files in `configs/` start from `base_config()` and change what they need, so the
+set of keys (and their types) is defined in exactly one place. `validate_config` runs
+before anything is traced or compiled and names the offending key in its error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PARALLELISM_MODES = ("jit", "pmap")
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
+SCHEDULES = ("constant", "cosine", "step", "polynomial")
+WEIGHT_DECAY_MODES = ("l2", "decoupled")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the full set of training keys with their defaults."""
+  c = ml_collections.ConfigDict()
+  # Model.
+  c.model = "resnet20"
+  c.num_classes = 0  # 0: take it from the dataset.
+  c.zero_init_residual = False
+  c.drop_path_rate = 0.0
+  c.dtype = "float32"  # compute dtype; params and BatchNorm statistics stay float32.
+
+  # Data.
+  c.dataset = "digits"
+  c.data_dir = ""  # "": tfds' default data dir.
+  c.image_size = 0  # 0: the dataset's native size.
+  c.batch_size = 128  # global, across all devices and processes.
+  c.eval_batch_size = 0  # 0: same as batch_size.
+  c.augment = True
+
+  # Length of training.
+  c.num_epochs = 1.0
+  c.num_train_steps = -1  # > 0 overrides num_epochs.
+
+  # Optimiser.
+  c.optimizer = "sgd"
+  c.learning_rate = 0.1
+  c.scale_learning_rate_by_batch = False  # lr * batch_size / 256.
+  c.momentum = 0.9
+  c.nesterov = False
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.lars_trust_coefficient = 0.001
+  c.weight_decay = 1e-4
+  c.weight_decay_mode = "l2"
+  c.weight_decay_on_norm_and_bias = False
+  c.grad_clip_norm = 0.0  # 0: no clipping.
+  c.grad_accum_steps = 1
+  c.label_smoothing = 0.0
+  c.ema_decay = 0.0  # 0: no EMA; otherwise eval uses the EMA of params.
+
+  # Learning-rate schedule.
+  c.schedule = "cosine"
+  c.warmup_epochs = 0.0
+  c.step_decay_boundaries = ()  # optimizer steps where lr is multiplied by step_decay_factor.
+  c.step_decay_factor = 0.1
+  c.polynomial_power = 2.0
+  c.end_learning_rate = 0.0
+
+  # Parallelism and numerics.
+  c.parallelism = "jit"
+  c.loss_scale_init = 2.0**15  # float16 only.
+  c.seed = 0
+
+  # Logging, evaluation and checkpoints.
+  c.log_every_steps = 50
+  c.eval_every_steps = 0  # 0: once per epoch.
+  c.checkpoint_every_steps = 0  # 0: once per epoch.
+  c.keep_checkpoints = 3
+  c.best_checkpoint_metric = "eval/accuracy"
+  c.progress_bar = True
+  return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first key whose value cannot work."""
+
+  def check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+      raise ValueError(f"config.{key}={config[key]!r}: {message}")
+
+  def one_of(key: str, choices: tuple[str, ...]) -> None:
+    check(config[key] in choices, key, f"must be one of {', '.join(choices)}")
+
+  known = set(base_config().keys())
+  unknown = sorted(set(config.keys()) - known)
+  if unknown:
+    raise ValueError(f"Unknown config key(s) {unknown}; known keys: {sorted(known)}")
+  one_of("parallelism", PARALLELISM_MODES)
+  one_of("dtype", DTYPES)
+  one_of("optimizer", OPTIMIZERS)
+  one_of("schedule", SCHEDULES)
+  one_of("weight_decay_mode", WEIGHT_DECAY_MODES)
+  check(config.batch_size > 0, "batch_size", "must be positive")
+  check(config.eval_batch_size >= 0, "eval_batch_size", "must be >= 0")
+  check(config.num_classes >= 0, "num_classes", "must be >= 0 (0 takes it from the dataset)")
+  check(config.image_size >= 0, "image_size", "must be >= 0 (0 is the dataset's size)")
+  check(config.num_epochs > 0 or config.num_train_steps > 0, "num_epochs",
+        "must be positive unless num_train_steps > 0")
+  check(config.learning_rate >= 0, "learning_rate", "must be >= 0")
+  check(config.weight_decay >= 0, "weight_decay", "must be >= 0")
+  check(0 <= config.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+  check(0 <= config.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+  check(0 <= config.drop_path_rate < 1, "drop_path_rate", "must be in [0, 1)")
+  check(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+  check(config.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (0 disables clipping)")
+  check(config.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+  check(config.log_every_steps > 0, "log_every_steps", "must be positive")
+  check(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+  check(config.loss_scale_init > 0, "loss_scale_init", "must be positive")

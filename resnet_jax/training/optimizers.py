@@ -1,0 +1,117 @@
+"""Learning-rate schedules and optimizers, built from the config.
+
+Schedules count optimizer updates: with gradient accumulation, `optax.MultiSteps` only
+advances the inner optimizer (and so the schedule) once every `grad_accum_steps` calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from resnet_jax.training import config as config_lib
+
+REFERENCE_BATCH_SIZE = 256  # The linear scaling rule's reference batch (Goyal et al., 2017).
+
+
+def base_learning_rate(config: ml_collections.ConfigDict) -> float:
+  """The peak learning rate, scaled by the batch per optimizer update when asked to."""
+  if not config.scale_learning_rate_by_batch:
+    return config.learning_rate
+  batch_per_update = config.batch_size * config.grad_accum_steps
+  return config.learning_rate * batch_per_update / REFERENCE_BATCH_SIZE
+
+
+def _decay_schedule(config: ml_collections.ConfigDict, peak: float, warmup_steps: int,
+                    total_steps: int) -> optax.Schedule:
+  """The schedule after warmup; its step counts from the end of warmup."""
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if config.schedule == "constant":
+    return optax.constant_schedule(peak)
+  if config.schedule == "cosine":
+    alpha = config.end_learning_rate / peak if peak else 0.0
+    return optax.cosine_decay_schedule(peak, decay_steps, alpha=alpha)
+  if config.schedule == "step":
+    scales = {boundary - warmup_steps: config.step_decay_factor
+              for boundary in config.step_decay_boundaries}
+    return optax.piecewise_constant_schedule(peak, scales)
+  if config.schedule == "polynomial":
+    return optax.polynomial_schedule(peak, config.end_learning_rate, config.polynomial_power,
+                                     decay_steps)
+  raise ValueError(f"config.schedule={config.schedule!r}: must be one of "
+                   f"{', '.join(config_lib.SCHEDULES)}")
+
+
+def create_learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                                  total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 over `warmup_epochs`, then `config.schedule`.
+
+  `steps_per_epoch`, `total_steps` and `step_decay_boundaries` are in optimizer updates.
+  """
+  peak = base_learning_rate(config)
+  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+  decay = _decay_schedule(config, peak, warmup_steps, total_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for conv and dense kernels; False for biases and norm scales/offsets (ndim <= 1)."""
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def _with_weight_decay(gradient_statistics: optax.GradientTransformation,
+                       config: ml_collections.ConfigDict, learning_rate: optax.Schedule,
+                       decay_mask: Any) -> optax.GradientTransformation:
+  """Adds weight decay before the statistics ("l2") or after them ("decoupled")."""
+  decay = optax.add_decayed_weights(config.weight_decay, mask=decay_mask)
+  scale = optax.scale_by_learning_rate(learning_rate)
+  if config.weight_decay_mode == "l2":
+    return optax.chain(decay, gradient_statistics, scale)
+  if config.weight_decay_mode == "decoupled":
+    return optax.chain(gradient_statistics, decay, scale)
+  raise ValueError(f"config.weight_decay_mode={config.weight_decay_mode!r}: must be one of "
+                   f"{', '.join(config_lib.WEIGHT_DECAY_MODES)}")
+
+
+def _base_optimizer(config: ml_collections.ConfigDict,
+                    learning_rate: optax.Schedule) -> optax.GradientTransformation:
+  """The optimizer named by `config.optimizer`, with its weight decay."""
+  decay_mask = True if config.weight_decay_on_norm_and_bias else weight_decay_mask
+  if config.optimizer == "sgd":
+    momentum = optax.trace(decay=config.momentum, nesterov=config.nesterov)
+    return _with_weight_decay(momentum, config, learning_rate, decay_mask)
+  if config.optimizer == "adamw":
+    adam = optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+    return _with_weight_decay(adam, config, learning_rate, decay_mask)
+  if config.optimizer == "lars":
+    # As in MLPerf, biases and norm parameters also skip the trust ratio.
+    return optax.lars(learning_rate, weight_decay=config.weight_decay,
+                      weight_decay_mask=decay_mask,
+                      trust_coefficient=config.lars_trust_coefficient,
+                      trust_ratio_mask=weight_decay_mask, momentum=config.momentum,
+                      nesterov=config.nesterov)
+  if config.optimizer == "lamb":
+    return optax.lamb(learning_rate, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                      weight_decay=config.weight_decay, mask=decay_mask)
+  raise ValueError(f"config.optimizer={config.optimizer!r}: must be one of "
+                   f"{', '.join(config_lib.OPTIMIZERS)}")
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     learning_rate_schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Clipping, then the optimizer, wrapped in gradient accumulation when asked to.
+
+  `weight_decay_mode` applies to sgd and adamw; lars and lamb use their own weight decay
+  (lars adds it before the trust ratio, lamb after the Adam statistics).
+  """
+  tx = _base_optimizer(config, learning_rate_schedule)
+  if config.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  if config.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps).gradient_transformation()
+  return tx

@@ -1,0 +1,236 @@
+"""Specification of the model zoo: sizes, shapes, dtypes, variants and error messages."""
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resnet_jax
+from resnet_jax.models import (
+    BasicBlock, BottleneckBlock, PreActBasicBlock, PreActBottleneckBlock)
+from resnet_jax.models.layers import make_conv, make_norm
+from resnet_jax.summary import count, format_summary, main as summary_main, summarize
+
+
+def abstract_variables(model, image_size):
+  image = jnp.zeros((1, image_size, image_size, model.in_channels))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), image))
+
+
+def init(model, x):
+  return model.init({"params": jax.random.key(0), "drop_path": jax.random.key(1)}, x)
+
+
+TORCHVISION_PARAMS = {
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
+    "resnet101": 44_549_160, "resnet152": 60_192_808, "wide_resnet50_2": 68_883_240,
+    "wide_resnet101_2": 126_886_696, "resnext50_32x4d": 25_028_904,
+    "resnext101_32x8d": 88_791_336, "resnext101_64x4d": 83_455_272,
+}
+
+
+@pytest.mark.parametrize("name,expected", sorted(TORCHVISION_PARAMS.items()))
+def test_parameter_count_equals_torchvision(name, expected):
+  variables = abstract_variables(resnet_jax.create_model(name, num_classes=1000), 64)
+  assert count(variables["params"]) == expected
+
+
+def test_batch_stats_entries_equal_torchvision_buffers():
+  variables = abstract_variables(resnet_jax.create_model("resnet50"), 64)
+  assert count(variables["batch_stats"]) == 53_120  # running_mean + running_var
+
+
+@pytest.mark.parametrize("name,millions", [("resnet20", 0.27), ("resnet32", 0.46),
+                                           ("resnet44", 0.66), ("resnet56", 0.85)])
+def test_cifar_parameter_count_matches_paper_table6(name, millions):
+  variables = abstract_variables(resnet_jax.create_model(name, num_classes=10), 32)
+  assert round(count(variables["params"]) / 1e6, 2) == millions
+
+
+def test_resnet110_parameter_count_matches_paper_table6():
+  variables = abstract_variables(resnet_jax.create_model("resnet110", num_classes=10), 32)
+  assert round(count(variables["params"]) / 1e6, 1) == 1.7
+
+
+def test_resnet50_forward_is_about_8_2_gflops():
+  summary = summarize(resnet_jax.create_model("resnet50"), 224, depth=1)
+  assert 8.2e9 * 0.95 <= summary.forward_flops <= 8.2e9 * 1.05
+
+
+@pytest.mark.parametrize("name", resnet_jax.list_models())
+def test_every_model_outputs_logits_of_input_dtype(name):
+  model = resnet_jax.create_model(name, num_classes=7)
+  image = jax.ShapeDtypeStruct((2, model.min_image_size, model.min_image_size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), image)
+  logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, image)
+  chex.assert_shape(logits, (2, 7))
+  assert logits.dtype == jnp.float32
+
+
+def test_return_features_gives_pooled_features():
+  model = resnet_jax.create_model("resnet18")
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  features = jax.eval_shape(lambda v: model.apply(v, x, return_features=True), variables)
+  chex.assert_shape(features, (2, 512))
+
+
+def test_batch_stats_change_in_train_mode_only():
+  model = resnet_jax.create_model("resnet20")
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  variables = init(model, x)
+  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
+                         variables["batch_stats"], updates["batch_stats"])
+  assert all(jax.tree.leaves(changed))
+  _, eval_updates = model.apply(variables, x, train=False, mutable=["batch_stats"])
+  chex.assert_trees_all_equal(eval_updates["batch_stats"], variables["batch_stats"])
+
+
+def capture_output_shapes(model, x, **kwargs):
+  variables = init(model, x)
+  _, state = model.apply(variables, x, capture_intermediates=True,
+                         mutable=["intermediates", "batch_stats"], **kwargs)
+  return jax.tree.map(lambda a: a.shape, state["intermediates"])
+
+
+@pytest.mark.parametrize("stride_in_1x1,conv1_side,conv2_side", [(False, 8, 4), (True, 4, 4)])
+def test_v1_strides_the_1x1_and_v1_5_the_3x3(stride_in_1x1, conv1_side, conv2_side):
+  model = resnet_jax.create_model("resnet50", stride_in_1x1=stride_in_1x1, width=4)
+  shapes = capture_output_shapes(model, jnp.ones((1, 32, 32, 3)))
+  block = shapes["layer2_0"]  # first block of stage 2 halves 8×8 to 4×4
+  assert block["conv1"]["__call__"][0][1] == conv1_side
+  assert block["conv2"]["__call__"][0][1] == conv2_side
+
+
+def make_block(block_cls, planes, zero_init, train=True, **kwargs):
+  return block_cls(
+      planes=planes, conv=make_conv(jnp.float32, jnp.float32),
+      norm=make_norm("batch", train=train, momentum=0.9, epsilon=1e-5, axis_name=None,
+                     dtype=jnp.float32, param_dtype=jnp.float32),
+      zero_init_residual=zero_init, **kwargs)
+
+
+@pytest.mark.parametrize("block_cls", [BasicBlock, BottleneckBlock])
+def test_zero_init_makes_v1_block_return_relu_of_its_input(block_cls):
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
+  block = make_block(block_cls, 16 // block_cls.expansion, zero_init=True)
+  variables = block.init(jax.random.key(1), x)
+  y, _ = block.apply(variables, x, train=True, mutable=["batch_stats"])
+  chex.assert_trees_all_close(y, nn.relu(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("block_cls", [PreActBasicBlock, PreActBottleneckBlock])
+def test_zero_init_makes_v2_block_the_identity_with_identity_jacobian(block_cls):
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 8))
+  block = make_block(block_cls, 8 // block_cls.expansion, zero_init=True)
+  variables = block.init(jax.random.key(1), x)
+
+  def forward(x):
+    return block.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+
+  chex.assert_trees_all_close(forward(x), x, atol=1e-6)
+  jacobian = jax.jacobian(forward)(x).reshape(x.size, x.size)
+  chex.assert_trees_all_close(jacobian, jnp.eye(x.size), atol=1e-6)
+
+
+def test_without_zero_init_residual_branch_is_not_zero():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 8))
+  block = make_block(PreActBasicBlock, 8, zero_init=False)
+  variables = block.init(jax.random.key(1), x)
+  y, _ = block.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert float(jnp.max(jnp.abs(y - x))) > 1e-3
+
+
+def test_bfloat16_compute_keeps_float32_params_and_statistics():
+  model = resnet_jax.create_model("resnet20", dtype=jnp.bfloat16)
+  x = jnp.ones((2, 8, 8, 3))
+  variables = init(model, x)
+  chex.assert_trees_all_equal_dtypes(variables, jax.tree.map(lambda _: jnp.zeros(()), variables))
+  (logits, state) = model.apply(variables, x, train=True, capture_intermediates=True,
+                                mutable=["intermediates", "batch_stats"])
+  assert logits.dtype == jnp.bfloat16
+  activations = jax.tree.leaves(state["intermediates"])
+  assert activations and all(a.dtype == jnp.bfloat16 for a in activations)
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(state["batch_stats"]))
+
+
+def test_stochastic_depth_is_a_function_of_the_key_and_off_in_eval():
+  model = resnet_jax.create_model("resnet20", drop_path_rate=0.5)
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+  variables = init(model, x)
+
+  def train_logits(seed):
+    return model.apply(variables, x, train=True, mutable=["batch_stats"],
+                       rngs={"drop_path": jax.random.key(seed)})[0]
+
+  chex.assert_trees_all_equal(train_logits(1), train_logits(1))
+  assert not np.allclose(train_logits(1), train_logits(2))
+  no_drop = resnet_jax.create_model("resnet20", drop_path_rate=0.0)
+  chex.assert_trees_all_equal(model.apply(variables, x), no_drop.apply(variables, x))
+
+
+def test_option_a_shortcut_has_no_parameters_and_option_b_projects():
+  option_a = abstract_variables(resnet_jax.create_model("resnet20"), 32)["params"]
+  option_b = abstract_variables(resnet_jax.create_model("resnet20", shortcut="projection"), 32)
+  assert "downsample" not in option_a["layer2_0"]
+  assert set(option_b["params"]["layer2_0"]["downsample"]) == {"conv", "bn"}
+
+
+def test_resnet_d_uses_deep_stem_and_avgpool_shortcut():
+  model = resnet_jax.create_model("resnet50d")
+  shapes = capture_output_shapes(model, jnp.ones((1, 32, 32, 3)))
+  assert {"conv1_0", "conv1_1", "conv1_2"} <= set(shapes)
+  chex.assert_equal(shapes["layer2_0"]["downsample"]["__call__"][0], (1, 4, 4, 512))
+
+
+def test_group_norm_variant_has_no_batch_stats():
+  model = resnet_jax.create_model("resnet20", norm="group")
+  variables = abstract_variables(model, 8)
+  assert "batch_stats" not in variables
+
+
+def test_squeeze_excite_adds_its_two_convs_per_block():
+  variables = abstract_variables(resnet_jax.create_model("resnet18", se_ratio=1 / 16), 32)
+  assert set(variables["params"]["layer1_0"]["se"]) == {"fc1", "fc2"}
+
+
+def test_unknown_model_name_lists_close_matches():
+  with pytest.raises(ValueError, match="Did you mean.*resnet50"):
+    resnet_jax.create_model("resnet5O")
+
+
+def test_unknown_override_names_the_field():
+  with pytest.raises(ValueError, match="num_clases"):
+    resnet_jax.create_model("resnet18", num_clases=10)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (1, 8, 8, 1), (1, 3, 8, 8)])
+def test_wrong_input_rank_or_channels_names_expected_shape(shape):
+  model = resnet_jax.create_model("resnet20")
+  with pytest.raises(ValueError, match=r"\(batch, height, width, 3\)"):
+    model.init(jax.random.key(0), jnp.zeros(shape))
+
+
+def test_too_small_image_names_the_minimum_size():
+  model = resnet_jax.create_model("resnet50")
+  with pytest.raises(ValueError, match="at least 32"):
+    model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_summary_lists_layers_in_call_order_with_totals(capsys):
+  summary_main(["resnet20", "--image-size", "32", "--depth", "1"])
+  out = capsys.readouterr().out
+  layers = [line.split()[0] for line in out.splitlines()[2:14]]
+  assert layers[:4] == ["conv1", "bn1", "layer1_0", "layer1_1"]
+  assert "269,722 parameters" in out and "1,376 batch_stats entries" in out
+
+
+def test_summary_rows_add_up_to_total_parameters():
+  summary = summarize(resnet_jax.create_model("resnet18"), 64, depth=1)
+  assert sum(r.num_params for r in summary.rows) == summary.num_params
+  assert "resnet18" in format_summary("resnet18", summary)
