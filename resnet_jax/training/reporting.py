@@ -17,9 +17,9 @@ from matplotlib.figure import Figure
 
 METRICS_FILENAME = "metrics.jsonl"
 CURVES_FILENAME = "curves.png"
-CURVE_PANELS = (  # (title, metric keys) per panel, left to right.
-    ("Loss", ("train/loss", "eval/loss")),
-    ("Accuracy", ("train/accuracy", "eval/accuracy", "eval/top5_accuracy")),
+CURVE_PANELS = (  # (title, y-axis scale, metric keys) per panel, left to right.
+    ("Loss", "log", ("train/loss", "eval/loss")),
+    ("Accuracy", "linear", ("train/accuracy", "eval/accuracy", "eval/top5_accuracy")),
 )
 
 
@@ -86,7 +86,7 @@ class MetricsWriter:
       return None
     records = read_metrics(self.metrics_path)
     fig = Figure(figsize=(12, 4.5))  # Not pyplot: no display and no global figure state.
-    for ax, (title, keys) in zip(fig.subplots(1, len(CURVE_PANELS)), CURVE_PANELS):
+    for ax, (title, yscale, keys) in zip(fig.subplots(1, len(CURVE_PANELS)), CURVE_PANELS):
       for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
@@ -96,6 +96,7 @@ class MetricsWriter:
       ax.set_title(title)
       ax.set_xlabel("step")
       ax.set_ylabel(title.lower())
+      ax.set_yscale(yscale)
       ax.grid(True, alpha=0.3)
       if ax.lines:
         ax.legend()

@@ -1,0 +1,203 @@
+"""The train-and-evaluate loop: config → data → model → state → step → loop → checkpoint.
+
+Plain Python around the compiled steps. Everything it needs is built by `setup` (and
+validated there, before anything compiles), so tests and notebooks can drive the same
+pieces step by step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resnet_jax import data
+from resnet_jax.models import ResNet, create_model
+from resnet_jax.training import checkpointing, optimizers, parallel, reporting, steps
+from resnet_jax.training.config import validate_config
+from resnet_jax.training.train_state import TrainState, create_train_state
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What a run is made of, derived once from the config."""
+
+  config: ml_collections.ConfigDict
+  dataset: data.DatasetInfo
+  image_size: int
+  model: ResNet
+  steps_per_epoch: int  # train steps (batches), not optimizer updates
+  total_steps: int
+  eval_every_steps: int
+  checkpoint_every_steps: int
+  data_parallel: parallel.DataParallel
+  initial_state: TrainState  # replicated layout, not yet put on devices
+
+
+def setup(config: ml_collections.ConfigDict) -> Experiment:
+  """Validates the config against the dataset, model and devices; builds the steps."""
+  validate_config(config)
+  data_dir = config.data_dir or None
+  info = data.get_dataset_info(config.dataset, data_dir)
+  parallel.check_batch_divisible(config.batch_size)
+  parallel.check_batch_divisible(config.eval_batch_size or config.batch_size, "eval_batch_size")
+  image_size = config.image_size or info.image_shape[0]
+  model = create_model(
+      config.model, num_classes=config.num_classes or info.num_classes,
+      in_channels=info.image_shape[2], dtype=DTYPES[config.dtype],
+      axis_name=parallel.model_axis_name(config.parallelism),
+      zero_init_residual=config.zero_init_residual, drop_path_rate=config.drop_path_rate)
+  if image_size < model.min_image_size:
+    raise ValueError(f"config.image_size={image_size} is too small for {config.model}: it "
+                     f"needs at least {model.min_image_size} pixels per side")
+
+  steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
+                     f"{info.num_train_examples} training examples of {config.dataset}")
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else int(config.num_epochs * steps_per_epoch))
+  accum = config.grad_accum_steps
+  schedule = optimizers.create_learning_rate_schedule(
+      config, steps_per_epoch=max(steps_per_epoch // accum, 1),
+      total_steps=max(total_steps // accum, 1))
+  tx = optimizers.create_optimizer(config, schedule)
+  state = create_train_state(
+      jax.random.PRNGKey(config.seed), model, tx, (image_size, image_size, info.image_shape[2]),
+      use_ema=config.ema_decay > 0,
+      loss_scale=config.loss_scale_init if config.dtype == "float16" else None)
+
+  train_step = functools.partial(
+      steps.train_step, learning_rate_fn=schedule, label_smoothing=config.label_smoothing,
+      ema_decay=config.ema_decay, grad_accum_steps=accum)
+  return Experiment(
+      config=config, dataset=info, image_size=image_size, model=model,
+      steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+      eval_every_steps=config.eval_every_steps or steps_per_epoch,
+      checkpoint_every_steps=config.checkpoint_every_steps or steps_per_epoch,
+      data_parallel=parallel.make_data_parallel(config.parallelism, train_step, steps.eval_step),
+      initial_state=jax.device_put(state, parallel.replicated_sharding()))
+
+
+def train_batches(exp: Experiment, start_batch: int) -> Iterator[dict[str, np.ndarray]]:
+  """This process's slices of the global train batches, from batch `start_batch` on."""
+  c = exp.config
+  return data.train_batches(
+      c.dataset, global_batch_size=c.batch_size, image_size=exp.image_size, seed=c.seed,
+      start_batch=start_batch, augment=c.augment, data_dir=c.data_dir or None,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def evaluate(exp: Experiment, state: TrainState) -> dict[str, float]:
+  """Loss and accuracies over the whole eval split, each example counted once."""
+  c = exp.config
+  batches = data.eval_batches(
+      c.dataset, global_batch_size=c.eval_batch_size or c.batch_size,
+      image_size=exp.image_size, data_dir=c.data_dir or None,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  dp = exp.data_parallel
+  sums = [dp.eval_step(state, dp.put_batch(batch)) for batch in batches]
+  total = jax.tree.map(lambda *xs: sum(float(x) for x in xs), *sums)
+  return steps.summarize_eval(total)
+
+
+def data_position(exp: Experiment, step: int) -> dict[str, Any]:
+  """The checkpointed position in the data stream: enough to continue it exactly."""
+  c = exp.config
+  return {"dataset": c.dataset, "seed": c.seed, "global_batch_size": c.batch_size,
+          "image_size": exp.image_size, "augment": c.augment, "next_batch": step}
+
+
+def resume_batch(exp: Experiment, saved: dict[str, Any], step: int) -> int:
+  """Where to continue the data stream; warns when the stream itself has changed."""
+  expected = data_position(exp, step)
+  changed = sorted(k for k in expected if k != "next_batch" and saved.get(k) != expected[k])
+  if changed:
+    logging.warning("The data stream changed since the checkpoint (%s); continuing at the same "
+                    "number of examples, but not with the exact same batches.",
+                    ", ".join(f"{k}: {saved.get(k)!r} → {expected[k]!r}" for k in changed))
+    return saved["next_batch"] * saved["global_batch_size"] // exp.config.batch_size
+  return saved["next_batch"]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from `workdir` if it has checkpoints); returns the final eval metrics."""
+  exp = setup(config)
+  is_main_process = jax.process_index() == 0
+  manager = checkpointing.make_checkpoint_manager(workdir, config.keep_checkpoints,
+                                                  config.best_checkpoint_metric)
+  restored = checkpointing.restore_latest(manager, exp.initial_state)
+  if restored is None:
+    state, start_step, start_batch = exp.initial_state, 0, 0
+    logging.info("Starting %s on %s from scratch in %s", config.model, config.dataset, workdir)
+  else:
+    state, saved_position = restored
+    start_step = int(jax.device_get(state.step))
+    start_batch = resume_batch(exp, saved_position, start_step)
+    message = (f"Resuming from the checkpoint at step {start_step} in {workdir}"
+               if start_step < exp.total_steps else
+               f"Training already finished: {workdir} has a checkpoint at step {start_step} "
+               f"of {exp.total_steps}; evaluating it")
+    logging.info(message)
+    if is_main_process:
+      print(message, flush=True)
+
+  writer = reporting.MetricsWriter(workdir, enabled=is_main_process, resume_step=start_step)
+  dp = exp.data_parallel
+  state = dp.put_state(state)
+  batches = train_batches(exp, start_batch)
+  progress = reporting.progress_bar(exp.total_steps, start_step,
+                                    enabled=is_main_process and config.progress_bar)
+  eval_metrics = evaluate(exp, state) if start_step >= exp.total_steps else {}
+  pending_metrics = []
+  interval_start, interval_steps, interval_eval_seconds = time.perf_counter(), 0, 0.0
+  for step in range(start_step + 1, exp.total_steps + 1):
+    state, metrics = dp.train_step(state, dp.put_batch(next(batches)))
+    pending_metrics.append(metrics)
+    interval_steps += 1
+    progress.update(1)
+    is_last = step == exp.total_steps
+
+    if step % config.log_every_steps == 0 or is_last:
+      train_metrics = {f"train/{k}": float(np.mean(v))
+                       for k, v in jax.device_get(jax.tree.map(lambda *m: jnp.stack(m),
+                                                               *pending_metrics)).items()}
+      elapsed = time.perf_counter() - interval_start - interval_eval_seconds
+      train_metrics["train/images_per_sec"] = interval_steps * config.batch_size / elapsed
+      train_metrics["train/epoch"] = step / exp.steps_per_epoch
+      writer.write(step, train_metrics)
+      progress.set_postfix(loss=f"{train_metrics['train/loss']:.3f}",
+                           img_per_s=f"{train_metrics['train/images_per_sec']:.0f}")
+      pending_metrics.clear()
+      interval_start, interval_steps, interval_eval_seconds = time.perf_counter(), 0, 0.0
+
+    evaluated = step % exp.eval_every_steps == 0 or is_last
+    if evaluated:
+      eval_start = time.perf_counter()
+      eval_metrics = evaluate(exp, state)
+      writer.write(step, eval_metrics)
+      writer.plot()
+      progress.write(
+          f"step {step}/{exp.total_steps} (epoch {step / exp.steps_per_epoch:.1f}): "
+          f"eval loss {eval_metrics['eval/loss']:.4f}, "
+          f"accuracy {eval_metrics['eval/accuracy']:.2%}, "
+          f"top-5 {eval_metrics['eval/top5_accuracy']:.2%}")
+      interval_eval_seconds += time.perf_counter() - eval_start  # not training throughput
+    if step % exp.checkpoint_every_steps == 0 or is_last:
+      checkpointing.save(manager, dp.get_state(state), data_position(exp, step),
+                         metrics=eval_metrics if evaluated else None)
+
+  progress.close()
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return eval_metrics

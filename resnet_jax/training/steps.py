@@ -1,0 +1,116 @@
+"""Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
+
+They know nothing of how they are parallelised beyond `axis_name`: under `pmap` it names
+the replica axis that gradients and metrics are averaged over (BatchNorm statistics are
+synced by the model's own `axis_name`); under `jit` over a mesh it is None and XLA
+computes the global batch's mean directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from resnet_jax.training.train_state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy against smoothed one-hot labels, in float32."""
+  num_classes = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    learning_rate_fn: optax.Schedule,
+    label_smoothing: float = 0.0,
+    ema_decay: float = 0.0,
+    grad_accum_steps: int = 1,
+    axis_name: str | None = None,
+) -> tuple[TrainState, Metrics]:
+  """One SGD step on `batch` ({"image", "label"}); returns the new state and mean metrics."""
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:  # each replica drops different paths
+    step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+
+  def loss_fn(params):
+    logits, new_model_state = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        mutable=["batch_stats"], rngs={"drop_path": step_rng})
+    loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+    scaled_loss = loss if state.loss_scale is None else loss * state.loss_scale.scale
+    return scaled_loss, (loss, logits, new_model_state.get("batch_stats", {}))
+
+  grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+
+  updates, opt_state = state.tx.update(grads if state.loss_scale is None
+                                       else state.loss_scale.unscale(grads),
+                                       state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=batch_stats)
+  if state.ema_params is not None:
+    new_state = new_state.replace(ema_params=optax.incremental_update(
+        params, state.ema_params, step_size=1.0 - ema_decay))
+
+  metrics = {
+      "loss": loss,
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+      "learning_rate": learning_rate_fn(state.step // grad_accum_steps),
+  }
+  if state.loss_scale is not None:
+    # A step whose gradients overflowed changes nothing but the (halved) loss scale.
+    grads_finite = _all_finite(grads)
+    new_state = _select(grads_finite, new_state, state.replace(step=state.step + 1))
+    new_state = new_state.replace(loss_scale=state.loss_scale.adjust(grads_finite))
+    metrics["loss_scale"] = state.loss_scale.scale
+    metrics["skipped_step"] = 1.0 - grads_finite.astype(jnp.float32)
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) -> Metrics:
+  """Sums over the real (mask == 1) examples of `batch`: loss, correct, top-5 correct, count."""
+  logits = state.apply_fn(state.eval_variables, batch["image"], train=False)
+  mask = batch["mask"]
+  labels = batch["label"]
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  sums = {
+      "loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
+      "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+      "top5_correct": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+      "count": jnp.sum(mask),
+  }
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  return sums
+
+
+def summarize_eval(sums: Metrics) -> dict[str, float]:
+  """eval/loss, eval/accuracy and eval/top5_accuracy from summed eval metrics."""
+  count = float(sums["count"])
+  return {
+      "eval/loss": float(sums["loss_sum"]) / count,
+      "eval/accuracy": float(sums["correct"]) / count,
+      "eval/top5_accuracy": float(sums["top5_correct"]) / count,
+  }

@@ -1,0 +1,223 @@
+"""Specification of the input pipelines, on the bundled digits dataset and fake data."""
+
+import collections
+import hashlib
+import itertools
+import re
+
+import chex
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from resnet_jax import data
+from resnet_jax.data import digits, preprocessing
+
+
+@pytest.fixture
+def data_dir(digits_data_dir: str) -> str:
+  return digits_data_dir
+
+
+def take(iterator, start: int, stop: int) -> list[dict[str, np.ndarray]]:
+  return list(itertools.islice(iterator, start, stop))
+
+
+def example_hashes(batches: list[dict[str, np.ndarray]]) -> collections.Counter:
+  """A multiset of (image, label) fingerprints of the real (unmasked) rows."""
+  hashes = collections.Counter()
+  for batch in batches:
+    mask = batch.get("mask", np.ones(len(batch["label"])))
+    for image, label, real in zip(batch["image"], batch["label"], mask):
+      if real:
+        hashes[hashlib.sha1(image.tobytes() + label.tobytes()).hexdigest()] += 1
+  return hashes
+
+
+def whole_train_split(data_dir: str) -> collections.Counter:
+  total = digits.NUM_TRAIN_EXAMPLES
+  batch = next(data.train_batches("digits", global_batch_size=total, image_size=0, seed=0,
+                                  augment=False, data_dir=data_dir))
+  return example_hashes([batch])
+
+
+def test_digits_builder_prepares_fixed_split_of_8x8_grey_images(data_dir):
+  builder = tfds.builder("sklearn_digits", data_dir=data_dir)
+  assert builder.is_prepared()
+  assert builder.info.splits["train"].num_examples == 1437
+  assert builder.info.splits["test"].num_examples == 360
+  assert builder.info.features["label"].num_classes == 10
+  example = next(iter(builder.as_dataset(split="test").take(1)))
+  chex.assert_shape(example["image"].numpy(), (8, 8, 1))
+  chex.assert_type(example["image"].numpy(), np.uint8)
+
+
+def test_dataset_info_of_digits(data_dir):
+  assert data.get_dataset_info("digits", data_dir) == data.DatasetInfo(
+      name="digits", num_classes=10, image_shape=(8, 8, 1), num_train_examples=1437,
+      num_eval_examples=360)
+
+
+def test_steps_per_epoch_drops_the_remainder(data_dir):
+  assert data.steps_per_epoch(data.get_dataset_info("digits", data_dir), 128) == 11
+
+
+def test_train_batches_have_local_batch_shapes_and_dtypes(data_dir):
+  batch = next(data.train_batches("digits", global_batch_size=32, image_size=0, seed=0,
+                                  data_dir=data_dir, process_index=1, process_count=2))
+  chex.assert_shape(batch["image"], (16, 8, 8, 1))
+  chex.assert_shape(batch["label"], (16,))
+  chex.assert_type([batch["image"], batch["label"]], [np.float32, np.int32])
+
+
+def test_image_size_resizes_digits(data_dir):
+  batch = next(data.train_batches("digits", global_batch_size=4, image_size=16, seed=0,
+                                  data_dir=data_dir))
+  chex.assert_shape(batch["image"], (4, 16, 16, 1))
+
+
+def test_train_images_are_normalised_to_zero_mean_unit_std(data_dir):
+  batch = next(data.train_batches("digits", global_batch_size=1437, image_size=0, seed=0,
+                                  augment=False, data_dir=data_dir))
+  np.testing.assert_allclose(batch["image"].mean(), 0.0, atol=1e-3)
+  np.testing.assert_allclose(batch["image"].std(), 1.0, atol=1e-3)
+
+
+def test_resume_at_start_batch_equals_uninterrupted_stream_across_epochs(data_dir):
+  kwargs = dict(global_batch_size=128, image_size=0, seed=3, data_dir=data_dir)
+  uninterrupted = take(data.train_batches("digits", **kwargs), 9, 15)
+  resumed = take(data.train_batches("digits", start_batch=9, **kwargs), 0, 6)
+  chex.assert_trees_all_equal(resumed, uninterrupted)
+
+
+def test_different_seeds_give_different_orders(data_dir):
+  labels = [
+      next(data.train_batches("digits", global_batch_size=64, image_size=0, seed=seed,
+                              augment=False, data_dir=data_dir))["label"]
+      for seed in (0, 1)
+  ]
+  assert not np.array_equal(*labels)
+
+
+def test_every_epoch_is_reshuffled(data_dir):
+  stream = data.train_batches("digits", global_batch_size=128, image_size=0, seed=0,
+                              augment=False, data_dir=data_dir)
+  batches = take(stream, 0, 12)
+  assert not np.array_equal(batches[0]["label"], batches[11]["label"])
+
+
+def test_augmentation_changes_images_but_not_the_order(data_dir):
+  kwargs = dict(global_batch_size=64, image_size=0, seed=0, data_dir=data_dir)
+  plain = next(data.train_batches("digits", augment=False, **kwargs))
+  augmented = next(data.train_batches("digits", augment=True, **kwargs))
+  np.testing.assert_array_equal(plain["label"], augmented["label"])
+  assert not np.array_equal(plain["image"], augmented["image"])
+
+
+def test_train_shards_of_two_processes_are_disjoint_parts_of_the_split(data_dir):
+  epoch = data.steps_per_epoch(data.get_dataset_info("digits", data_dir), 128)
+  shards = [
+      example_hashes(take(data.train_batches(
+          "digits", global_batch_size=128, image_size=0, seed=0, augment=False,
+          data_dir=data_dir, process_index=index, process_count=2), 0, epoch))
+      for index in (0, 1)
+  ]
+  assert not shards[0] & shards[1]
+  assert not (shards[0] + shards[1]) - whole_train_split(data_dir)
+
+
+def test_eval_pads_the_ragged_last_batch_with_masked_rows(data_dir):
+  batches = list(data.eval_batches("digits", global_batch_size=64, image_size=0,
+                                   data_dir=data_dir))
+  assert len(batches) == 6 == data.num_eval_batches("digits", global_batch_size=64,
+                                                    data_dir=data_dir)
+  for batch in batches:
+    chex.assert_shape([batch["image"], batch["label"], batch["mask"]],
+                      [(64, 8, 8, 1), (64,), (64,)])
+    chex.assert_type(batch["mask"], np.float32)
+  np.testing.assert_array_equal(batches[-1]["mask"], [1.0] * 40 + [0.0] * 24)
+  assert sum(batch["mask"].sum() for batch in batches) == 360
+
+
+def test_eval_shards_of_two_processes_count_each_example_once(data_dir):
+  single = list(data.eval_batches("digits", global_batch_size=64, image_size=0,
+                                  data_dir=data_dir))
+  shards = [
+      list(data.eval_batches("digits", global_batch_size=64, image_size=0, data_dir=data_dir,
+                             process_index=index, process_count=2))
+      for index in (0, 1)
+  ]
+  assert len(shards[0]) == len(shards[1])
+  assert example_hashes(shards[0]) + example_hashes(shards[1]) == example_hashes(single)
+
+
+def test_eval_yields_the_same_number_of_batches_on_processes_with_uneven_shards(data_dir):
+  # 360 examples over 7 processes: shards of 52 and 51, local batch 51.
+  shards = [
+      list(data.eval_batches("digits", global_batch_size=357, image_size=0, data_dir=data_dir,
+                             process_index=index, process_count=7))
+      for index in range(7)
+  ]
+  assert {len(batches) for batches in shards} == {2}
+  assert sum(batch["mask"].sum() for batches in shards for batch in batches) == 360
+  assert any(batches[-1]["mask"].sum() == 0 for batches in shards)
+
+
+def test_unknown_dataset_name_suggests_close_match():
+  with pytest.raises(ValueError, match="Did you mean 'digits'"):
+    data.get_dataset_info("digit")
+
+
+def test_unprepared_cifar10_raises_with_build_command_and_no_download(tmp_path, monkeypatch):
+
+  def fail_download(*args, **kwargs):
+    raise AssertionError("the pipeline must never download")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail_download)
+  with pytest.raises(ValueError, match=re.escape(f"tfds build cifar10 --data_dir={tmp_path}")):
+    data.train_batches("cifar10", global_batch_size=8, image_size=0, seed=0,
+                       data_dir=str(tmp_path))
+
+
+def test_global_batch_not_divisible_by_process_count_raises(data_dir):
+  with pytest.raises(ValueError, match="global_batch_size=100"):
+    data.train_batches("digits", global_batch_size=100, image_size=0, seed=0,
+                       data_dir=data_dir, process_count=3)
+
+
+def test_fake_batches_have_requested_shapes():
+  train = next(data.train_batches("fake", global_batch_size=4, image_size=16, seed=0))
+  chex.assert_shape([train["image"], train["label"]], [(4, 16, 16, 3), (4,)])
+  chex.assert_type([train["image"], train["label"]], [np.float32, np.int32])
+  assert data.get_dataset_info("fake").num_classes == 1000
+
+
+def test_fake_eval_masks_count_each_example_once():
+  batches = list(data.eval_batches("fake", global_batch_size=4096, image_size=8,
+                                   process_index=1, process_count=2))
+  assert len(batches) == 3
+  assert sum(batch["mask"].sum() for batch in batches) == 5000
+
+
+def random_jpeg(height: int, width: int) -> tf.Tensor:
+  pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+  return tf.io.encode_jpeg(pixels)
+
+
+def test_imagenet_train_and_eval_views_have_image_size():
+  encoded = random_jpeg(300, 400)
+  seed = tf.constant([0, 1], tf.int64)
+  chex.assert_shape(preprocessing.inception_crop_train(encoded, 64, seed).numpy(), (64, 64, 3))
+  chex.assert_shape(preprocessing.center_crop_eval(encoded, 64).numpy(), (64, 64, 3))
+
+
+def test_augmentation_depends_only_on_the_example_seed():
+  encoded = tf.io.encode_png(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
+
+  def cifar_view(seed: list[int]) -> np.ndarray:
+    return preprocessing.small_image_train(encoded, 32, tf.constant(seed, tf.int64),
+                                           shape=(32, 32, 3), padding=4, flip=True).numpy()
+
+  np.testing.assert_array_equal(cifar_view([7, 3]), cifar_view([7, 3]))
+  assert not np.array_equal(cifar_view([7, 3]), cifar_view([7, 4]))

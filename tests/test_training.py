@@ -1,0 +1,306 @@
+"""Specification of the training core: steps, parallelism, numerics, checkpoints, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from resnet_jax import create_model, data
+from resnet_jax.training import checkpointing, loop, parallel, steps
+from resnet_jax.training.config import base_config, validate_config
+from resnet_jax.training.train_state import create_train_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def config(digits_data_dir):
+  """A short digits run: ResNet-20 on 8×8 images, 4 examples per CPU device."""
+  c = base_config()
+  c.dataset = "digits"
+  c.data_dir = digits_data_dir
+  c.model = "resnet20"
+  c.batch_size = 32
+  c.num_train_steps = 4
+  c.schedule = "constant"
+  c.learning_rate = 0.05
+  c.log_every_steps = 2
+  c.progress_bar = False
+  return c
+
+
+def run_steps(config, num_steps):
+  """Runs `num_steps` train steps from a fresh state; returns (replicated state, losses)."""
+  exp = loop.setup(config)
+  dp = exp.data_parallel
+  state = dp.put_state(exp.initial_state)
+  batches = loop.train_batches(exp, 0)
+  losses = []
+  for _ in range(num_steps):
+    state, metrics = dp.train_step(state, dp.put_batch(next(batches)))
+    losses.append(float(metrics["loss"]))
+  return dp.get_state(state), losses
+
+
+def test_pmap_and_jit_give_the_same_losses_and_params(config):
+  config.parallelism = "pmap"
+  pmap_state, pmap_losses = run_steps(config, 3)
+  config.parallelism = "jit"
+  jit_state, jit_losses = run_steps(config, 3)
+  np.testing.assert_allclose(pmap_losses, jit_losses, rtol=1e-5)
+  chex.assert_trees_all_close(pmap_state.params, jit_state.params, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(pmap_state.batch_stats, jit_state.batch_stats, rtol=1e-4,
+                              atol=1e-5)
+
+
+def test_cross_replica_batchnorm_uses_statistics_of_the_global_batch():
+  images = jax.random.normal(jax.random.key(0), (8, 2, 8, 8, 3)) * jnp.arange(1, 9).reshape(
+      8, 1, 1, 1, 1)  # every replica sees data with a different scale
+  synced = create_model("resnet20", axis_name="batch", width=4)
+  variables = synced.init(jax.random.key(1), images[0])
+
+  def replica_stats(x):
+    return synced.apply(variables, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+
+  per_replica = jax.pmap(replica_stats, axis_name="batch")(images)
+  global_batch = create_model("resnet20", width=4).apply(
+      variables, images.reshape(16, 8, 8, 3), train=True, mutable=["batch_stats"])[1]
+  for replica in range(8):
+    chex.assert_trees_all_close(jax.tree.map(lambda s: s[replica], per_replica),
+                                global_batch["batch_stats"], rtol=1e-4, atol=1e-5)
+
+
+def restore_params(workdir, config):
+  exp = loop.setup(config)
+  manager = checkpointing.make_checkpoint_manager(workdir, 3, "eval/accuracy")
+  state, position = checkpointing.restore_latest(manager, exp.initial_state)
+  manager.close()
+  return state, position
+
+
+def test_resume_after_n_steps_then_m_more_is_bitwise_identical_to_n_plus_m(config, tmp_path):
+  config.num_train_steps = 5  # the constant schedule does not depend on the run's length
+  loop.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+  config.num_train_steps = 3
+  loop.train_and_evaluate(config, str(tmp_path / "interrupted"))
+  config.num_train_steps = 5
+  loop.train_and_evaluate(config, str(tmp_path / "interrupted"))
+
+  whole, whole_position = restore_params(str(tmp_path / "uninterrupted"), config)
+  resumed, resumed_position = restore_params(str(tmp_path / "interrupted"), config)
+  assert resumed_position == whole_position and whole_position["next_batch"] == 5
+  chex.assert_trees_all_equal(resumed.params, whole.params)
+  chex.assert_trees_all_equal(resumed.batch_stats, whole.batch_stats)
+  chex.assert_trees_all_equal(resumed.opt_state, whole.opt_state)
+  chex.assert_trees_all_equal(resumed.rng, whole.rng)
+
+
+def test_resumed_run_rewrites_metrics_without_duplicate_steps(config, tmp_path):
+  workdir = str(tmp_path)
+  loop.train_and_evaluate(config, workdir)
+  config.num_train_steps = 6
+  loop.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    train_steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
+  assert train_steps == [2, 4, 6]
+
+
+def test_checkpoint_from_pmap_restores_under_jit(config, tmp_path):
+  config.parallelism = "pmap"
+  config.num_train_steps = 2
+  loop.train_and_evaluate(config, str(tmp_path))
+  pmap_exp = loop.setup(config)
+  saved, _ = restore_params(str(tmp_path), config)
+  config.parallelism = "jit"
+  restored, _ = restore_params(str(tmp_path), config)
+  chex.assert_trees_all_equal(restored.params, saved.params)
+  assert not jax.tree.all(jax.tree.map(
+      lambda a, b: bool(jnp.array_equal(a, b)), restored.params, pmap_exp.initial_state.params))
+
+
+def test_train_py_writes_outputs_and_resumes_on_one_device_from_an_8_device_pmap_run(
+    config, tmp_path):
+  config.parallelism = "pmap"
+  config.num_train_steps = 2
+  workdir = str(tmp_path)
+  loop.train_and_evaluate(config, workdir)
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+  command = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}",
+             f"--config.data_dir={config.data_dir}", "--config.parallelism=jit",
+             "--config.batch_size=32", "--config.num_train_steps=4", "--config.schedule=constant",
+             "--config.log_every_steps=2", "--config.progress_bar=False"]
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resuming from the checkpoint at step 2" in result.stdout
+  assert "Final eval" in result.stdout
+  for name in ("metrics.jsonl", "curves.png", "tensorboard", "checkpoints/4"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+
+
+def test_float16_loss_scaling_skips_a_step_with_non_finite_gradients():
+  model = create_model("resnet20", dtype=jnp.float16, in_channels=1, width=4)
+  tx = optax.sgd(0.1)
+  state = create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 1), loss_scale=2.0**10)
+  step = jax.jit(lambda s, b: steps.train_step(s, b, learning_rate_fn=lambda _: 0.1))
+  batch = {"image": jnp.ones((4, 8, 8, 1)), "label": jnp.arange(4)}
+
+  finite_state, finite_metrics = step(state, batch)
+  assert float(finite_metrics["skipped_step"]) == 0.0
+  assert not jax.tree.all(jax.tree.map(jnp.array_equal, finite_state.params, state.params))
+
+  poisoned = {"image": batch["image"].at[0, 0, 0, 0].set(jnp.inf), "label": batch["label"]}
+  skipped_state, metrics = step(state, poisoned)
+  assert float(metrics["skipped_step"]) == 1.0
+  chex.assert_trees_all_equal(skipped_state.params, state.params)
+  chex.assert_trees_all_equal(skipped_state.opt_state, state.opt_state)
+  assert int(skipped_state.step) == 1
+  assert float(skipped_state.loss_scale.scale) == 2.0**9
+
+
+def test_gradient_accumulation_of_k_micro_batches_equals_one_k_times_larger_batch():
+  # GroupNorm normalises each example alone, so the mean gradient does not depend on batching.
+  model = create_model("resnet20", norm="group", num_classes=10, width=4)
+  images = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+  labels = jnp.arange(16) % 10
+  schedule = optax.constant_schedule(0.1)
+
+  def train(tx, micro_batches):
+    state = create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 3))
+    step = jax.jit(lambda s, b: steps.train_step(s, b, learning_rate_fn=schedule))
+    for i in range(micro_batches):
+      size = 16 // micro_batches
+      state, _ = step(state, {"image": images[i * size:(i + 1) * size],
+                              "label": labels[i * size:(i + 1) * size]})
+    return state.params
+
+  one_batch = train(optax.sgd(0.1, momentum=0.9), 1)
+  accumulated = train(optax.MultiSteps(optax.sgd(0.1, momentum=0.9), 4).gradient_transformation(),
+                      4)
+  chex.assert_trees_all_close(accumulated, one_batch, rtol=1e-4, atol=1e-5)
+
+
+def test_label_smoothing_spreads_mass_uniformly_over_classes():
+  logits = jnp.array([[2.0, 0.5, -1.0, 0.0]])
+  log_probs = jax.nn.log_softmax(logits)
+  expected = -(0.9 + 0.1 / 4) * log_probs[0, 1] - (0.1 / 4) * (
+      log_probs[0, 0] + log_probs[0, 2] + log_probs[0, 3])
+  np.testing.assert_allclose(steps.cross_entropy(logits, jnp.array([1]), 0.1)[0], expected,
+                             rtol=1e-6)
+  np.testing.assert_allclose(steps.cross_entropy(logits, jnp.array([1]), 0.0)[0],
+                             -log_probs[0, 1], rtol=1e-6)
+
+
+def test_eval_with_a_ragged_last_batch_counts_every_example_once(config):
+  config.eval_batch_size = 64  # 360 test images: 5 full batches and one of 40
+  exp = loop.setup(config)
+  state = exp.data_parallel.put_state(exp.initial_state)
+  metrics = loop.evaluate(exp, state)
+
+  batches = list(data.eval_batches("digits", global_batch_size=400, image_size=8,
+                                   data_dir=config.data_dir))
+  images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
+  labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+  assert len(labels) == 360
+  logits = exp.model.apply(exp.initial_state.variables, images)
+  np.testing.assert_allclose(metrics["eval/accuracy"],
+                             np.mean(np.argmax(logits, -1) == labels), rtol=1e-6)
+  np.testing.assert_allclose(metrics["eval/loss"],
+                             np.mean(steps.cross_entropy(logits, labels)), rtol=1e-4)
+
+
+def test_eval_step_ignores_masked_padding():
+  model = create_model("resnet20", in_channels=1)
+  state = create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (8, 8, 1))
+  batch = {"image": jax.random.normal(jax.random.key(0), (4, 8, 8, 1)),
+           "label": jnp.array([1, 2, 3, 4]), "mask": jnp.array([1.0, 1.0, 0.0, 0.0])}
+  sums = steps.eval_step(state, batch)
+  real = steps.eval_step(state, jax.tree.map(lambda x: x[:2], batch))
+  chex.assert_trees_all_close(sums, real, rtol=1e-6)
+  assert float(sums["count"]) == 2.0
+
+
+def test_ema_params_follow_params_with_the_configured_decay():
+  model = create_model("resnet20", in_channels=1, width=4)
+  state = create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (8, 8, 1),
+                             use_ema=True)
+  batch = {"image": jax.random.normal(jax.random.key(0), (4, 8, 8, 1)), "label": jnp.arange(4)}
+  new_state, _ = jax.jit(lambda s, b: steps.train_step(
+      s, b, learning_rate_fn=lambda _: 0.1, ema_decay=0.75))(state, batch)
+  expected = jax.tree.map(lambda p0, p1: 0.75 * p0 + 0.25 * p1, state.params, new_state.params)
+  chex.assert_trees_all_close(new_state.ema_params, expected, rtol=1e-5, atol=1e-7)
+  assert new_state.eval_variables["params"] is new_state.ema_params
+
+
+def test_checkpoints_keep_the_latest_k_plus_the_best(tmp_path):
+  manager = checkpointing.make_checkpoint_manager(str(tmp_path), 2, "eval/accuracy")
+  state = create_train_state(jax.random.PRNGKey(0), create_model("resnet20", in_channels=1),
+                             optax.sgd(0.1), (8, 8, 1))
+  for step, accuracy in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7), (5, 0.65)]:
+    checkpointing.save(manager, state.replace(step=jnp.asarray(step)), {"next_batch": step},
+                       metrics={"eval/accuracy": accuracy})
+    manager.wait_until_finished()
+  assert manager.all_steps() == [2, 4, 5]
+  manager.close()
+
+
+def test_corrupt_checkpoint_gives_an_error_naming_it(config, tmp_path):
+  loop.train_and_evaluate(config, str(tmp_path))
+  state_dir = tmp_path / "checkpoints" / "4" / "state"
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(RuntimeError, match="Could not restore checkpoint .*checkpoints/4"):
+    restore_params(str(tmp_path), config)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("batch_size", 12, "batch_size=12 is not divisible by the 8 devices"),
+    ("image_size", 2, "image_size=2 is too small for resnet20"),
+    ("dataset", "digts", "Did you mean 'digits'"),
+    ("optimizer", "adam", "optimizer='adam': must be one of"),
+])
+def test_bad_config_fails_in_setup_with_one_clear_line(config, key, value, message):
+  config[key] = value
+  with pytest.raises(ValueError, match=message):
+    loop.setup(config)
+
+
+def test_unknown_config_key_is_named():
+  config = base_config()
+  config.unlock()
+  config.batchsize = 3
+  with pytest.raises(ValueError, match="batchsize"):
+    validate_config(config)
+
+
+def test_train_py_rejects_an_unknown_key_before_compiling(tmp_path):
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={tmp_path}",
+       "--config.learning_rat=0.1"], capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "learning_rat" in result.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_replicated_state_round_trips_through_pmap_layout(config):
+  config.parallelism = "pmap"
+  exp = loop.setup(config)
+  dp = exp.data_parallel
+  round_trip = dp.get_state(dp.put_state(exp.initial_state))
+  chex.assert_trees_all_equal(round_trip.params, exp.initial_state.params)
+  assert isinstance(ocp.utils.to_shape_dtype_struct(round_trip.step), jax.ShapeDtypeStruct)
+
+
+def test_batch_not_divisible_by_devices_message_names_the_count():
+  with pytest.raises(ValueError, match="choose a multiple of 8"):
+    parallel.check_batch_divisible(20)
