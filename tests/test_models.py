@@ -182,10 +182,10 @@ def test_option_a_shortcut_has_no_parameters_and_option_b_projects():
 
 
 def test_resnet_d_uses_deep_stem_and_avgpool_shortcut():
-  model = resnet_jax.create_model("resnet50d")
+  model = resnet_jax.create_model("resnet50d", width=8)
   shapes = capture_output_shapes(model, jnp.ones((1, 32, 32, 3)))
   assert {"conv1_0", "conv1_1", "conv1_2"} <= set(shapes)
-  chex.assert_equal(shapes["layer2_0"]["downsample"]["__call__"][0], (1, 4, 4, 512))
+  chex.assert_equal(shapes["layer2_0"]["downsample"]["__call__"][0], (1, 4, 4, 64))
 
 
 def test_group_norm_variant_has_no_batch_stats():

@@ -1,0 +1,105 @@
+"""Specification of the benchmarks: both tools run end to end and report consistent numbers.
+
+Timings themselves are never asserted on, only their presence, sign and the arithmetic
+that ties the reported numbers together.
+"""
+
+import contextlib
+import dataclasses
+import io
+import json
+
+import jax
+import pytest
+
+from resnet_jax.bench import compile_time, throughput
+from resnet_jax.data import fake
+from resnet_jax.models import create_model
+from resnet_jax.summary import summarize
+
+TINY_RUN = ["--image-size", "8", "--batch-size", "16", "--dtype", "float32"]
+THROUGHPUT_TIMES = ("first_step_s", "step_time_ms", "host_input_ms", "images_per_sec",
+                    "train_step_gflop", "train_step_gflop_per_s", "matmul_gflop_per_s",
+                    "ratio_to_matmul")
+
+
+def run_main(main, argv, json_path):
+  """Runs a tool's `main(argv + --json)`; returns (the JSON record, what it printed)."""
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    main([*argv, "--json", str(json_path)])
+  return json.loads(json_path.read_text()), stdout.getvalue()
+
+
+@pytest.fixture(scope="module", params=["jit", "pmap"])
+def throughput_run(request, tmp_path_factory):
+  argv = ["--model", "resnet20", *TINY_RUN, "--parallelism", request.param, "--steps", "2",
+          "--warmup-steps", "1", "--matmul-size", "64", "--matmul-reps", "2"]
+  return run_main(throughput.main, argv, tmp_path_factory.mktemp("bench") / "throughput.json")
+
+
+@pytest.fixture(scope="module")
+def compile_time_run(tmp_path_factory):
+  argv = ["--models", "resnet20", *TINY_RUN]
+  return run_main(compile_time.main, argv, tmp_path_factory.mktemp("bench") / "compile.json")
+
+
+def test_throughput_reports_every_field_of_the_run(throughput_run):
+  record, _ = throughput_run
+  assert set(record) == {f.name for f in dataclasses.fields(throughput.ThroughputResult)}
+  assert record["device_count"] == jax.device_count()
+  assert (record["model"], record["batch_size"], record["image_size"], record["dtype"],
+          record["steps"], record["warmup_steps"]) == ("resnet20", 16, 8, "float32", 2, 1)
+
+
+def test_throughput_times_and_flops_are_positive(throughput_run):
+  record, _ = throughput_run
+  assert all(record[key] > 0 for key in THROUGHPUT_TIMES), record
+
+
+def test_throughput_numbers_follow_from_step_time(throughput_run):
+  record, _ = throughput_run
+  step_s = record["step_time_ms"] / 1e3
+  assert record["images_per_sec"] == pytest.approx(record["batch_size"] / step_s)
+  assert record["train_step_gflop_per_s"] == pytest.approx(record["train_step_gflop"] / step_s)
+  assert record["ratio_to_matmul"] == pytest.approx(
+      record["train_step_gflop_per_s"] / record["matmul_gflop_per_s"])
+
+
+def test_throughput_counts_about_three_forward_passes_per_train_step(throughput_run):
+  record, _ = throughput_run
+  model = create_model("resnet20", num_classes=fake.NUM_CLASSES)
+  forward_gflop = summarize(model, image_size=8).forward_flops * record["batch_size"] / 1e9
+  assert 2.5 < record["train_step_gflop"] / forward_gflop < 3.5  # forward + 2x for backward
+
+
+def test_throughput_prints_the_summary(throughput_run):
+  record, printed = throughput_run
+  for label in ("compile + first step", "step time", "images/sec", "matmul ceiling", "ratio"):
+    assert label in printed
+  assert f"{record['images_per_sec']:.1f}" in printed
+
+
+def test_throughput_flags_a_batch_that_does_not_split_over_devices(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    throughput.main(["--model", "resnet20", "--image-size", "8",
+                     "--batch-size", str(jax.device_count() + 1)])
+  assert exit_info.value.code == 2
+  assert "config.batch_size" in capsys.readouterr().err
+
+
+def test_compile_time_reports_each_stage_of_train_step_and_forward(compile_time_run):
+  records, _ = compile_time_run
+  record, = records
+  assert record["model"] == "resnet20" and record["num_params"] > 0
+  for program in ("train_step", "forward"):
+    assert all(value > 0 for value in record[program].values()), record[program]
+  assert record["train_step"]["stablehlo_ops"] > record["forward"]["stablehlo_ops"]
+  assert record["train_to_forward_compile_ratio"] == pytest.approx(
+      record["train_step"]["compile_s"] / record["forward"]["compile_s"])
+
+
+def test_compile_time_prints_a_row_per_model(compile_time_run):
+  _, printed = compile_time_run
+  rows = [line for line in printed.splitlines() if line.startswith("resnet20 ")]
+  assert len(rows) == 1
