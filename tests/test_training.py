@@ -133,7 +133,8 @@ def test_checkpoint_from_8_device_pmap_restores_under_jit_and_resumes_on_one_dev
 
 
 def test_float16_loss_scaling_skips_a_step_with_non_finite_gradients():
-  model = create_model("resnet20", dtype=jnp.float16, in_channels=1, width=4, stage_sizes=(1, 1, 1))
+  model = create_model("resnet20", dtype=jnp.float16, in_channels=1, width=4,
+                       stage_sizes=(1, 1, 1))
   tx = optax.sgd(0.1)
   state = create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 1), loss_scale=2.0**10)
   step = jax.jit(lambda s, b: steps.train_step(s, b, learning_rate_fn=lambda _: 0.1))
@@ -154,7 +155,8 @@ def test_float16_loss_scaling_skips_a_step_with_non_finite_gradients():
 
 def test_gradient_accumulation_of_k_micro_batches_equals_one_k_times_larger_batch():
   # GroupNorm normalises each example alone, so the mean gradient does not depend on batching.
-  model = create_model("resnet20", norm="group", num_classes=10, width=4, stage_sizes=(1, 1, 1))
+  model = create_model("resnet20", norm="group", num_classes=10, width=4,
+                       stage_sizes=(1, 1, 1))
   images = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
   labels = jnp.arange(16) % 10
   schedule = optax.constant_schedule(0.1)
@@ -240,8 +242,8 @@ def test_checkpoints_keep_the_latest_k_plus_the_best(tmp_path):
 
 def test_corrupt_checkpoint_gives_an_error_naming_it(tmp_path):
   manager = checkpointing.make_checkpoint_manager(str(tmp_path), 2, "eval/accuracy")
-  state = create_train_state(jax.random.PRNGKey(0), create_model("resnet20", width=4, stage_sizes=(1, 1, 1)),
-                             optax.sgd(0.1), (8, 8, 3))
+  model = create_model("resnet20", width=4, stage_sizes=(1, 1, 1))
+  state = create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (8, 8, 3))
   checkpointing.save(manager, state.replace(step=jnp.asarray(4)), {"next_batch": 4})
   manager.wait_until_finished()
   for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "state"):
