@@ -32,7 +32,8 @@ class ResNet(nn.Module):
   block_cls: type[ResidualBlock]
   num_classes: int = 1000
   width: int = 64
-  stem: str = "imagenet"  # "imagenet": 7×7/2 + max-pool; "deep": three 3×3 (ResNet-C/D); "cifar": one 3×3.
+  # "imagenet": 7×7/2 conv + max-pool; "deep": three 3×3 convs (ResNet-C/D); "cifar": one 3×3.
+  stem: str = "imagenet"
   shortcut: str = "projection"  # or "avgpool" (ResNet-D) or "zero_pad" (option A).
   stride_in_1x1: bool = False
   groups: int = 1

@@ -1,4 +1,4 @@
-"""The train-and-evaluate loop: config → data → model → state → step → loop → checkpoint.
+"""The train-and-evaluate loop: config → data → model → state → step → checkpoint.
 
 Plain Python around the compiled steps. Everything it needs is built by `setup` (and
 validated there, before anything compiles), so tests and notebooks can drive the same
