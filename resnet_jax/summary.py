@@ -2,7 +2,8 @@
 
 Prints each layer's output shape and parameter count, then totals: parameters, BatchNorm
 statistics and the forward FLOPs of one image from XLA's cost analysis. Nothing is
-allocated or run: shapes come from `jax.eval_shape`, FLOPs from the lowered program.
+allocated or run: shapes come from `jax.eval_shape`, FLOPs from the program lowered for
+the CPU (the same count on every machine).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def summarize(model: nn.Module, image_size: int, depth: int | None = None) -> Mo
                      if name.startswith(path + "/"))
     rows.append(LayerRow(path, tuple(output.shape), num_params))
 
-  lowered = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, image)
+  # Lowered for the CPU: accelerator backends give no cost analysis before compiling.
+  with jax.default_device(jax.devices("cpu")[0]):
+    lowered = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, image)
   flops = float(lowered.cost_analysis()["flops"])
   return ModelSummary(rows, count(variables["params"]), count(variables.get("batch_stats", {})),
                       flops)

@@ -1,7 +1,8 @@
 """Specification of the benchmarks: both tools run end to end and report consistent numbers.
 
 Timings themselves are never asserted on, only their presence, sign and the arithmetic
-that ties the reported numbers together.
+that ties the reported numbers together. (Under the session's persistent compilation cache,
+the compile times here may be cache reads.)
 """
 
 import contextlib

@@ -45,6 +45,16 @@ class ResidualBlock(nn.Module):
   def out_features(self) -> int:
     return self.planes * self.expansion
 
+  @property
+  def bottleneck_width(self) -> int:
+    """Channels of a bottleneck's 3×3 conv: planes × width_per_group/64 × groups."""
+    return int(self.planes * (self.width_per_group / 64.0)) * self.groups
+
+  @property
+  def bottleneck_strides(self) -> tuple[int, int]:
+    """Strides of a bottleneck's (first 1×1, 3×3) convs."""
+    return (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
+
   def conv3x3(self, features: int, name: str, strides: int = 1, groups: int = 1,
               zero_init: bool = False) -> nn.Conv:
     return self.conv(features, (3, 3), strides=strides, padding=conv_padding(3),
@@ -91,8 +101,8 @@ class BottleneckBlock(ResidualBlock):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
-    stride_1x1, stride_3x3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
+    width = self.bottleneck_width
+    stride_1x1, stride_3x3 = self.bottleneck_strides
     y = self.conv1x1(width, "conv1", stride_1x1)(x)
     y = nn.relu(self.norm(width, "bn1")(y))
     y = self.conv3x3(width, "conv2", stride_3x3, self.groups)(y)
@@ -135,8 +145,8 @@ class PreActBottleneckBlock(PreActBasicBlock):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
-    stride_1x1, stride_3x3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
+    width = self.bottleneck_width
+    stride_1x1, stride_3x3 = self.bottleneck_strides
     preact = nn.relu(self.norm(x.shape[-1], "bn1")(x))
     y = self.conv1x1(width, "conv1", stride_1x1)(preact)
     y = nn.relu(self.norm(width, "bn2")(y))

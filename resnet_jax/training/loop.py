@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ class Experiment:
   total_steps: int
   eval_every_steps: int
   checkpoint_every_steps: int
+  train_step: Callable  # the pure step (what data_parallel compiles), for tools and tests
   data_parallel: parallel.DataParallel
   initial_state: TrainState  # replicated layout, not yet put on devices
 
@@ -84,6 +85,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
       eval_every_steps=config.eval_every_steps or steps_per_epoch,
       checkpoint_every_steps=config.checkpoint_every_steps or steps_per_epoch,
+      train_step=train_step,
       data_parallel=parallel.make_data_parallel(config.parallelism, train_step, steps.eval_step),
       initial_state=jax.device_put(state, parallel.replicated_sharding()))
 

@@ -103,8 +103,10 @@ def make_jit(train_step: Callable, eval_step: Callable) -> DataParallel:
                     out_shardings=(replicated, replicated), donate_argnums=(0,))
   j_eval = jax.jit(eval_step, in_shardings=(replicated, batch_sharding),
                    out_shardings=replicated)
-  return DataParallel("jit", lambda s: jax.device_put(s, replicated), lambda s: s, put_batch,
-                      j_train, j_eval)
+  def put_state(state):  # a copy: the train step donates its input state
+    return jax.device_put(state, replicated, may_alias=False)
+
+  return DataParallel("jit", put_state, lambda s: s, put_batch, j_train, j_eval)
 
 
 def make_data_parallel(mode: str, train_step: Callable, eval_step: Callable) -> DataParallel:

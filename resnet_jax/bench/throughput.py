@@ -1,0 +1,210 @@
+"""Train-step throughput against a matmul ceiling measured in the same run.
+
+  python -m resnet_jax.bench.throughput --model resnet50 --batch-size 256 --dtype bfloat16
+
+Runs the real train step (`setup(config)` and its `DataParallel`, as train.py does) on
+"fake" data fed by the real `train_batches` iterator and put on the devices every step.
+It reports images/sec, the step's achieved FLOP/s (FLOPs from XLA's cost analysis), the
+FLOP/s of a large square matmul of the same dtype on the same devices, and their ratio.
+Run as a program, it turns JAX's persistent compilation cache off, so that the first step
+includes a real compilation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from resnet_jax.bench import benchmark_config, write_json
+from resnet_jax.training.config import DTYPES, PARALLELISM_MODES
+from resnet_jax.training.loop import DTYPES as JNP_DTYPES, Experiment, setup, train_batches
+
+INPUT_FEED = "real train_batches iterator, put_batch every step (as train.py)"
+FLOPS_SOURCE = "XLA cost analysis of the jit-mode step for the global batch, lowered for 1 CPU"
+CPU_MATMUL_SIZE = 1024
+ACCELERATOR_MATMUL_SIZE = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTimes:
+  first_step_s: float  # compile and run the first step
+  step_s: float  # mean over the timed steps
+  host_input_s: float  # per timed step: host time to produce and put the batch
+
+
+@dataclasses.dataclass(frozen=True)
+class ThroughputResult:
+  device_kind: str
+  device_count: int
+  model: str
+  batch_size: int  # global, over all devices
+  image_size: int
+  dtype: str
+  parallelism: str
+  input_feed: str
+  steps: int
+  warmup_steps: int
+  first_step_s: float
+  step_time_ms: float
+  host_input_ms: float
+  images_per_sec: float
+  train_step_gflop: float  # per step, for the global batch
+  flops_source: str
+  train_step_gflop_per_s: float
+  matmul_size: int
+  matmul_gflop_per_s: float  # summed over devices
+  ratio_to_matmul: float  # train_step_gflop_per_s / matmul_gflop_per_s
+
+
+def time_train_steps(exp: Experiment, steps: int, warmup_steps: int) -> StepTimes:
+  """Times the first step alone, then `steps` steps after `warmup_steps` untimed ones."""
+  dp = exp.data_parallel
+  batches = train_batches(exp, 0)
+  state = dp.put_state(exp.initial_state)
+
+  start = time.perf_counter()
+  state, _ = dp.train_step(state, dp.put_batch(next(batches)))
+  jax.block_until_ready(state)
+  first_step_s = time.perf_counter() - start
+
+  for _ in range(warmup_steps):
+    state, _ = dp.train_step(state, dp.put_batch(next(batches)))
+  jax.block_until_ready(state)
+
+  host_input_s = 0.0
+  start = time.perf_counter()
+  for _ in range(steps):
+    input_start = time.perf_counter()
+    batch = dp.put_batch(next(batches))
+    host_input_s += time.perf_counter() - input_start
+    state, _ = dp.train_step(state, batch)
+  jax.block_until_ready(state)
+  step_s = (time.perf_counter() - start) / steps
+  return StepTimes(first_step_s, step_s, host_input_s / steps)
+
+
+def train_step_flops(exp: Experiment) -> float:
+  """FLOPs of one train step on the global batch: XLA's cost analysis, lowered for the CPU.
+
+  The pure jit-mode step is lowered (not compiled) for one CPU device, the same on every
+  machine. GPUs give no cost analysis before compiling, and after it leave out the FLOPs
+  of the convolutions they hand to cuDNN. Under pmap the step is rebuilt in jit mode: the
+  pmap model's BatchNorm needs a replica axis that a plain jit does not bind.
+  """
+  if exp.config.parallelism != "jit":
+    config = exp.config.copy_and_resolve_references()
+    config.parallelism = "jit"
+    exp = setup(config)
+  pure_train_step = exp.data_parallel.train_step.__wrapped__  # what jax.jit wrapped
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.initial_state)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((exp.config.batch_size, *x.shape[1:]),
+                                                      x.dtype), next(train_batches(exp, 0)))
+  with jax.default_device(jax.devices("cpu")[0]):
+    lowered = jax.jit(pure_train_step).trace(state, batch).lower()
+  return float(lowered.cost_analysis()["flops"])
+
+
+def matmul_flops_per_s(dtype: str, size: int, reps: int) -> float:
+  """FLOP/s of `size`² matmuls in `dtype`, one per device at once, summed over devices."""
+  devices = jax.devices()
+  sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), P("devices"))
+  shape = (len(devices), size, size)
+  random_matrices = jax.jit(lambda key: jax.random.normal(key, shape, JNP_DTYPES[dtype]),
+                            out_shardings=sharding)
+  a, b = random_matrices(jax.random.key(0)), random_matrices(jax.random.key(1))
+  matmul = jax.jit(jnp.matmul, out_shardings=sharding)
+  jax.block_until_ready(matmul(a, b))  # compile
+  start = time.perf_counter()
+  products = [matmul(a, b) for _ in range(reps)]
+  jax.block_until_ready(products)
+  return 2 * len(devices) * size**3 * reps / (time.perf_counter() - start)
+
+
+def default_matmul_size() -> int:
+  """A matmul that takes tens of milliseconds: smaller on CPU than on accelerators."""
+  return CPU_MATMUL_SIZE if jax.devices()[0].platform == "cpu" else ACCELERATOR_MATMUL_SIZE
+
+
+def benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup_steps: int,
+              matmul_size: int, matmul_reps: int) -> ThroughputResult:
+  """Measures the train step of `config` and the matmul ceiling on the same devices."""
+  exp = setup(config)
+  times = time_train_steps(exp, steps, warmup_steps)
+  flops = train_step_flops(exp)
+  achieved = flops / times.step_s
+  ceiling = matmul_flops_per_s(config.dtype, matmul_size, matmul_reps)
+  return ThroughputResult(
+      device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
+      model=config.model, batch_size=config.batch_size, image_size=exp.image_size,
+      dtype=config.dtype, parallelism=config.parallelism, input_feed=INPUT_FEED, steps=steps,
+      warmup_steps=warmup_steps, first_step_s=times.first_step_s,
+      step_time_ms=times.step_s * 1e3, host_input_ms=times.host_input_s * 1e3,
+      images_per_sec=config.batch_size / times.step_s, train_step_gflop=flops / 1e9,
+      flops_source=FLOPS_SOURCE, train_step_gflop_per_s=achieved / 1e9,
+      matmul_size=matmul_size, matmul_gflop_per_s=ceiling / 1e9,
+      ratio_to_matmul=achieved / ceiling)
+
+
+def format_result(r: ThroughputResult) -> str:
+  """The result as a short aligned report."""
+  rows = [
+      ("devices", f"{r.device_count} x {r.device_kind}"),
+      ("model", f"{r.model}, global batch {r.batch_size}, {r.image_size}x{r.image_size}, "
+                f"{r.dtype}, {r.parallelism}"),
+      ("input", f"{r.input_feed}; host input {r.host_input_ms:.2f} ms per step"),
+      ("compile + first step", f"{r.first_step_s:.2f} s"),
+      ("step time", f"{r.step_time_ms:.2f} ms (mean of {r.steps} steps after "
+                    f"{r.warmup_steps} warmup)"),
+      ("images/sec", f"{r.images_per_sec:.1f}"),
+      ("train step", f"{r.train_step_gflop:.2f} GFLOP ({r.flops_source})"),
+      ("achieved", f"{r.train_step_gflop_per_s:.1f} GFLOP/s"),
+      ("matmul ceiling", f"{r.matmul_gflop_per_s:.1f} GFLOP/s ({r.matmul_size}x{r.matmul_size} "
+                         f"{r.dtype} matmul on each device, same run)"),
+      ("ratio", f"{r.ratio_to_matmul:.3f} (achieved / matmul ceiling)"),
+  ]
+  width = max(len(name) for name, _ in rows)
+  return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="resnet50")
+  parser.add_argument("--batch-size", type=int, default=256, help="global, over all devices")
+  parser.add_argument("--image-size", type=int, default=224)
+  parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+  parser.add_argument("--parallelism", choices=PARALLELISM_MODES, default="jit")
+  parser.add_argument("--steps", type=int, default=20, help="timed steps")
+  parser.add_argument("--warmup-steps", type=int, default=3)
+  parser.add_argument("--matmul-size", type=int, default=None,
+                      help=f"side of the ceiling's square matmul (default: {CPU_MATMUL_SIZE} on "
+                           f"CPU, {ACCELERATOR_MATMUL_SIZE} on accelerators)")
+  parser.add_argument("--matmul-reps", type=int, default=20)
+  parser.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
+  args = parser.parse_args(argv)
+  if min(args.steps, args.matmul_reps, args.matmul_size or 1) < 1 or args.warmup_steps < 0:
+    parser.error("--steps, --matmul-reps and --matmul-size must be >= 1, --warmup-steps >= 0")
+  config = benchmark_config(args.model, batch_size=args.batch_size, image_size=args.image_size,
+                            dtype=args.dtype, parallelism=args.parallelism,
+                            num_train_steps=1 + args.warmup_steps + args.steps)
+  try:
+    result = benchmark(config, steps=args.steps, warmup_steps=args.warmup_steps,
+                       matmul_size=args.matmul_size or default_matmul_size(),
+                       matmul_reps=args.matmul_reps)
+  except ValueError as e:  # a bad model, batch or image size: one actionable line.
+    parser.exit(2, f"error: {e}\n")
+  print(format_result(result))
+  if args.json:
+    write_json(args.json, dataclasses.asdict(result))
+
+
+if __name__ == "__main__":
+  jax.config.update("jax_enable_compilation_cache", False)  # real compiles, not cache reads
+  main()
