@@ -16,9 +16,16 @@ from ml_collections import config_flags  # noqa: E402
 
 from resnet_jax.training.loop import train_and_evaluate  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
-    "Training config file; override any key with --config.KEY=VALUE.", lock_config=True)
+try:  # config_flags applies --config.KEY overrides here, at definition.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
+      "Training config file; override any key with --config.KEY=VALUE.", lock_config=True)
+except (AttributeError, KeyError) as e:  # an override names a key the config does not have.
+  detail = e
+  while isinstance(detail, BaseException) and detail.args:  # ml_collections nests the KeyError
+    detail = detail.args[0]
+  detail = " ".join(str(detail).split())
+  raise SystemExit(f"error: unknown config key in the command line: {detail}") from None
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits",
                                "Directory for checkpoints, metrics.jsonl, TensorBoard and plots.")
 
