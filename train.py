@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data is only the input pipeline here.
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -28,12 +29,17 @@ except (AttributeError, KeyError) as e:  # an override names a key the config do
   raise SystemExit(f"error: unknown config key in the command line: {detail}") from None
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits",
                                "Directory for checkpoints, metrics.jsonl, TensorBoard and plots.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() first (it finds the "
+    "coordinator on TPU pods, SLURM and similar clusters); run the same command on every host.")
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  if _DISTRIBUTED.value:  # before anything initialises JAX's backends
+    jax.distributed.initialize()
   try:
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:  # bad config, dataset or shapes: one actionable line, no traceback.

@@ -188,11 +188,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       eval_metrics = evaluate(exp, state)
       writer.write(step, eval_metrics)
       writer.plot()
-      progress.write(
-          f"step {step}/{exp.total_steps} (epoch {step / exp.steps_per_epoch:.1f}): "
-          f"eval loss {eval_metrics['eval/loss']:.4f}, "
-          f"accuracy {eval_metrics['eval/accuracy']:.2%}, "
-          f"top-5 {eval_metrics['eval/top5_accuracy']:.2%}")
+      if is_main_process:
+        progress.write(
+            f"step {step}/{exp.total_steps} (epoch {step / exp.steps_per_epoch:.1f}): "
+            f"eval loss {eval_metrics['eval/loss']:.4f}, "
+            f"accuracy {eval_metrics['eval/accuracy']:.2%}, "
+            f"top-5 {eval_metrics['eval/top5_accuracy']:.2%}")
       interval_eval_seconds += time.perf_counter() - eval_start  # not training throughput
     if step % exp.checkpoint_every_steps == 0 or is_last:
       checkpointing.save(manager, dp.get_state(state), data_position(exp, step),
