@@ -12,20 +12,14 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax  # noqa: E402
 
 from resnet_jax.training import loop  # noqa: E402
-from resnet_jax.training.config import base_config  # noqa: E402
+from short_run import short_digits_config  # noqa: E402
 
 
 def main(process_id: int, port: int, parallelism: str, workdir: str, data_dir: str) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-  config = base_config()
-  config.data_dir = data_dir
-  config.batch_size = 32
-  config.num_train_steps = 4
-  config.schedule = "constant"
-  config.log_every_steps = 2
+  config = short_digits_config(data_dir)
   config.checkpoint_every_steps = 2
-  config.progress_bar = False
   config.parallelism = parallelism
   metrics = loop.train_and_evaluate(config, workdir)
   print("RESULT " + json.dumps({"devices": jax.device_count(), **metrics}), flush=True)

@@ -17,6 +17,7 @@ from resnet_jax import create_model, data
 from resnet_jax.training import checkpointing, loop, parallel, steps
 from resnet_jax.training.config import base_config, validate_config
 from resnet_jax.training.train_state import create_train_state
+from short_run import short_digits_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,17 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def config(digits_data_dir):
   """A short digits run: ResNet-20 on 8×8 images, 4 examples per CPU device."""
-  c = base_config()
-  c.dataset = "digits"
-  c.data_dir = digits_data_dir
-  c.model = "resnet20"
-  c.batch_size = 32
-  c.num_train_steps = 4
-  c.schedule = "constant"
-  c.learning_rate = 0.05
-  c.log_every_steps = 2
-  c.progress_bar = False
-  return c
+  return short_digits_config(digits_data_dir)
 
 
 def run_steps(config, num_steps):
