@@ -2,6 +2,7 @@
 
 import collections
 import hashlib
+import io
 import itertools
 import re
 
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from resnet_jax import data
-from resnet_jax.data import digits, preprocessing
+from resnet_jax.data import device_ops, digits, preprocessing
 
 
 @pytest.fixture
@@ -54,9 +56,11 @@ def test_digits_builder_prepares_fixed_split_of_8x8_grey_images(data_dir):
 
 
 def test_dataset_info_of_digits(data_dir):
-  assert data.get_dataset_info("digits", data_dir) == data.DatasetInfo(
-      name="digits", num_classes=10, image_shape=(8, 8, 1), num_train_examples=1437,
-      num_eval_examples=360)
+  info = data.get_dataset_info("digits", data_dir)
+  assert (info.name, info.num_classes, info.image_shape, info.num_train_examples,
+          info.num_eval_examples) == ("digits", 10, (8, 8, 1), 1437, 360)
+  assert info.class_names == tuple("0123456789")
+  assert info.preprocessing == "translate"  # digits are not flip-invariant
 
 
 def test_steps_per_epoch_drops_the_remainder(data_dir):
@@ -68,7 +72,7 @@ def test_train_batches_have_local_batch_shapes_and_dtypes(data_dir):
                                   data_dir=data_dir, process_index=1, process_count=2))
   chex.assert_shape(batch["image"], (16, 8, 8, 1))
   chex.assert_shape(batch["label"], (16,))
-  chex.assert_type([batch["image"], batch["label"]], [np.float32, np.int32])
+  chex.assert_type([batch["image"], batch["label"]], [np.uint8, np.int32])
 
 
 def test_image_size_resizes_digits(data_dir):
@@ -77,11 +81,13 @@ def test_image_size_resizes_digits(data_dir):
   chex.assert_shape(batch["image"], (4, 16, 16, 1))
 
 
-def test_train_images_are_normalised_to_zero_mean_unit_std(data_dir):
-  batch = next(data.train_batches("digits", global_batch_size=1437, image_size=0, seed=0,
-                                  augment=False, data_dir=data_dir))
-  np.testing.assert_allclose(batch["image"].mean(), 0.0, atol=1e-3)
-  np.testing.assert_allclose(batch["image"].std(), 1.0, atol=1e-3)
+def test_dataset_mean_and_std_normalise_train_images_on_device(data_dir):
+  info = data.get_dataset_info("digits", data_dir)
+  batch = next(data.train_batches(info, global_batch_size=1437, image_size=0, seed=0,
+                                  augment=False))
+  images = device_ops.normalize(batch["image"], info.mean, info.std)
+  np.testing.assert_allclose(images.mean(), 0.0, atol=1e-3)
+  np.testing.assert_allclose(images.std(), 1.0, atol=1e-3)
 
 
 def test_resume_at_start_batch_equals_uninterrupted_stream_across_epochs(data_dir):
@@ -167,6 +173,8 @@ def test_eval_yields_the_same_number_of_batches_on_processes_with_uneven_shards(
 def test_unknown_dataset_name_suggests_close_match():
   with pytest.raises(ValueError, match="Did you mean 'digits'"):
     data.get_dataset_info("digit")
+  with pytest.raises(ValueError, match="Did you mean 'cifar10'"):
+    data.get_dataset_info("cifar-10")
 
 
 def test_unprepared_cifar10_raises_with_build_command_and_no_download(tmp_path, monkeypatch):
@@ -189,7 +197,7 @@ def test_global_batch_not_divisible_by_process_count_raises(data_dir):
 def test_fake_batches_have_requested_shapes():
   train = next(data.train_batches("fake", global_batch_size=4, image_size=16, seed=0))
   chex.assert_shape([train["image"], train["label"]], [(4, 16, 16, 3), (4,)])
-  chex.assert_type([train["image"], train["label"]], [np.float32, np.int32])
+  chex.assert_type([train["image"], train["label"]], [np.uint8, np.int32])
   assert data.get_dataset_info("fake").num_classes == 1000
 
 
@@ -208,8 +216,10 @@ def random_jpeg(height: int, width: int) -> tf.Tensor:
 def test_imagenet_train_and_eval_views_have_image_size():
   encoded = random_jpeg(300, 400)
   seed = tf.constant([0, 1], tf.int64)
-  chex.assert_shape(preprocessing.inception_crop_train(encoded, 64, seed).numpy(), (64, 64, 3))
-  chex.assert_shape(preprocessing.center_crop_eval(encoded, 64).numpy(), (64, 64, 3))
+  for image in (preprocessing.inception_crop_train(encoded, 64, seed),
+                preprocessing.center_crop_eval(encoded, 64)):
+    chex.assert_shape(image.numpy(), (64, 64, 3))
+    chex.assert_type(image.numpy(), np.uint8)
 
 
 def test_augmentation_depends_only_on_the_example_seed():
@@ -217,7 +227,87 @@ def test_augmentation_depends_only_on_the_example_seed():
 
   def cifar_view(seed: list[int]) -> np.ndarray:
     return preprocessing.small_image_train(encoded, 32, tf.constant(seed, tf.int64),
-                                           shape=(32, 32, 3), padding=4, flip=True).numpy()
+                                           channels=3, flip=True).numpy()
 
   np.testing.assert_array_equal(cifar_view([7, 3]), cifar_view([7, 3]))
   assert not np.array_equal(cifar_view([7, 3]), cifar_view([7, 4]))
+
+
+def test_cifar_view_is_a_pad_4_crop_of_the_image_or_of_its_mirror():
+  pixels = np.random.default_rng(1).integers(1, 256, (32, 32, 3), dtype=np.uint8)
+  encoded = tf.io.encode_png(pixels)
+  padded = np.pad(pixels, [(4, 4), (4, 4), (0, 0)])
+  windows = {(dy, dx, flipped): (padded[dy:dy + 32, dx:dx + 32, :][:, ::-1] if flipped
+                                 else padded[dy:dy + 32, dx:dx + 32, :])
+             for dy in range(9) for dx in range(9) for flipped in (False, True)}
+  found = set()
+  for i in range(24):
+    view = preprocessing.small_image_train(encoded, 32, tf.constant([i, 0], tf.int64),
+                                           channels=3, flip=True).numpy()
+    chex.assert_shape(view, (32, 32, 3))
+    matches = [key for key, window in windows.items() if np.array_equal(view, window)]
+    assert len(matches) == 1, i
+    found.add(matches[0])
+  assert {flipped for _, _, flipped in found} == {False, True}
+  assert len({(dy, dx) for dy, dx, _ in found}) > 10
+
+
+def test_translate_preset_never_flips():
+  pixels = np.tile(np.arange(32, dtype=np.uint8)[None, :, None] * 8, (32, 1, 3))  # ramp in x
+  encoded = tf.io.encode_png(pixels)
+  for i in range(16):
+    view = preprocessing.PRESETS["translate"].train(encoded, 32, tf.constant([i, 1], tf.int64),
+                                                     3).numpy()
+    row = view[16].astype(int)[:, 0]
+    inside = row[(row > 0)]
+    assert np.all(np.diff(inside) > 0), i  # still increasing left to right
+
+
+def test_inception_crop_covers_8_to_100_percent_and_upscales_small_images():
+  # Pixel values encode their own column and row, so a view reveals the crop window.
+  y, x = np.mgrid[0:200, 0:200]
+  pixels = np.stack([x * 255 // 199, y * 255 // 199, np.zeros_like(x)], -1).astype(np.uint8)
+  encoded = tf.io.encode_png(pixels)
+  areas, flips = [], set()
+  for i in range(40):
+    view = preprocessing.inception_crop_train(encoded, 32, tf.constant([i, 2], tf.int64)
+                                              ).numpy().astype(int)
+    chex.assert_shape(view, (32, 32, 3))
+    flips.add(view[16, 0, 0] > view[16, -1, 0])
+    width = abs(view[16, -1, 0] - view[16, 0, 0]) * 200 / 255
+    height = abs(view[-1, 16, 1] - view[0, 16, 1]) * 200 / 255
+    areas.append(width * height / 200**2)
+  assert flips == {False, True}
+  assert 0.05 < min(areas) and max(areas) < 1.02 and max(areas) - min(areas) > 0.3
+  small = preprocessing.inception_crop_train(tf.io.encode_jpeg(pixels[:20, :20]), 64,
+                                             tf.constant([0, 0], tf.int64))
+  chex.assert_shape(small.numpy(), (64, 64, 3))
+
+
+def test_center_crop_eval_keeps_the_central_87_5_percent_of_the_short_side():
+  y, x = np.mgrid[0:100, 0:200]
+  pixels = np.stack([x * 255 // 199, y * 255 // 99, np.zeros_like(x)], -1).astype(np.uint8)
+  view = preprocessing.center_crop_eval(tf.io.encode_png(pixels), 56).numpy().astype(int)
+  chex.assert_shape(view, (56, 56, 3))
+  # The window is 87.5 px square around the centre (100, 50): columns 56..144, rows 6..94.
+  np.testing.assert_allclose(view[28, [0, -1], 0] * 199 / 255, [57, 143], atol=3)
+  np.testing.assert_allclose(view[[0, -1], 28, 1] * 99 / 255, [7, 93], atol=3)
+  tiny = preprocessing.center_crop_eval(tf.io.encode_png(pixels[:10, :10]), 56)
+  chex.assert_shape(tiny.numpy(), (56, 56, 3))  # upscaled
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16"])
+def test_every_colour_mode_decodes_to_rgb(mode):
+  rgb = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+  image = Image.fromarray(rgb).convert(mode if mode != "I;16" else "L")
+  if mode == "I;16":
+    image = Image.fromarray(np.asarray(image, np.uint16) * 257)
+  buffer = io.BytesIO()
+  image.save(buffer, "JPEG" if mode == "CMYK" else "PNG")
+  decoded = preprocessing.decode(tf.constant(buffer.getvalue()), 3).numpy()
+  chex.assert_shape(decoded, (12, 10, 3))
+  chex.assert_type(decoded, np.uint8)
+  expected = np.asarray(image.convert("RGB")) if mode != "I;16" else np.repeat(
+      np.asarray(Image.fromarray(rgb).convert("L"))[..., None], 3, -1)
+  tolerance = 8 if mode == "CMYK" else 1
+  assert np.abs(decoded.astype(int) - expected).mean() < tolerance

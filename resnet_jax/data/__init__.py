@@ -1,21 +1,23 @@
-"""Input data: tfds pipelines, augmentation and the bundled digits dataset."""
+"""Input data: datasets by name, tfds and image-folder pipelines, preprocessing presets."""
 
+from resnet_jax.data.dataset_info import DatasetInfo
 from resnet_jax.data.pipeline import (
-    SUPPORTED_DATASETS,
-    DatasetInfo,
+    PRESETS,
     eval_batches,
     get_dataset_info,
     num_eval_batches,
+    process_range,
     steps_per_epoch,
     train_batches,
 )
 
 __all__ = [
-    "SUPPORTED_DATASETS",
+    "PRESETS",
     "DatasetInfo",
     "eval_batches",
     "get_dataset_info",
     "num_eval_batches",
+    "process_range",
     "steps_per_epoch",
     "train_batches",
 ]

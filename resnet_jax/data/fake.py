@@ -11,20 +11,24 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from resnet_jax.data.dataset_info import DatasetInfo
+
 NUM_CLASSES = 1000
 IMAGE_SHAPE = (224, 224, 3)
 NUM_TRAIN_EXAMPLES = 1_281_167  # ImageNet's, so steps per epoch match a real run.
 NUM_EVAL_EXAMPLES = 10_000
 NUM_DISTINCT_BATCHES = 2
 EVAL_SEED = 0
+INFO = DatasetInfo("fake", NUM_CLASSES, IMAGE_SHAPE, NUM_TRAIN_EXAMPLES, NUM_EVAL_EXAMPLES,
+                   mean=(0.5, 0.5, 0.5), std=(0.29, 0.29, 0.29))  # uniform pixels
 
 
 def _random_batches(rng: np.random.Generator, count: int, local_batch: int,
                     image_size: int) -> list[dict[str, np.ndarray]]:
-  """`count` batches of standard-normal (already normalised) images and uniform labels."""
+  """`count` batches of uniform uint8 images and uniform labels."""
   image_shape = (local_batch, image_size, image_size, IMAGE_SHAPE[2])
   return [{
-      "image": rng.standard_normal(image_shape, dtype=np.float32),
+      "image": rng.integers(0, 256, image_shape, dtype=np.uint8),
       "label": rng.integers(0, NUM_CLASSES, local_batch, dtype=np.int32),
   } for _ in range(count)]
 

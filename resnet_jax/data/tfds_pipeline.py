@@ -1,76 +1,64 @@
-"""tfds datasets (digits, CIFAR, ImageNet) as exactly resumable train and padded eval streams.
+"""Prepared tfds datasets (registered ones, digits, image folders) as exact input streams.
 
-Train batch k is a pure function of (dataset, seed, global_batch_size, image_size, augment,
-process_index, process_count). Epoch e reads the shard with a file order and shuffle
-seeded by (seed, e, process_index), and each example's augmentation is seeded by its
-position in that epoch, so `start_batch=k` starts at epoch k // steps_per_epoch directly
-and skips only the first k % steps_per_epoch batches of it, still encoded.
+Every process reads only its own contiguous range of each split's records. Training
+reads that range as chunks of at most CHUNK_SIZE consecutive records. Epoch e permutes
+the chunks, groups consecutive ones until a group holds `shuffle_buffer` records, and
+shuffles each group's records with a stateless shuffle; every seed derives from (seed,
+e, process_index). Each example's augmentation is seeded by its position in the epoch.
+So train batch k is a pure function of the dataset, the config and k, and resuming at
+batch k reads at most one group (plus the chunk it starts in), wherever k falls in the
+epoch. Images stay encoded until after that skip.
 
-This is the only module (with preprocessing.py and digits.py) that needs TensorFlow.
+This module, preprocessing.py, digits.py and image_folder.py are the ones that need
+TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import itertools
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from resnet_jax.data import digits, preprocessing
+from resnet_jax.data import digits, image_folder, preprocessing
+from resnet_jax.data.dataset_info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
+from resnet_jax.data.pipeline import process_range
 
 Batch = dict[str, np.ndarray]
+CHUNK_SIZE = 1024  # records; the unit of the epoch's permutation
+EVAL_SPLITS = ("validation", "val", "test", image_folder.HOLDOUT_SPLIT)
+FOLDER_PREFIX = "folder:"
+
 
 @dataclasses.dataclass(frozen=True)
-class _TfdsSource:
-  """How one of our dataset names is read from tfds and turned into model inputs."""
+class _Known:
+  """What we add to tfds' own metadata for a dataset we know by name."""
   tfds_name: str
-  train_split: str
-  eval_split: str
-  image_shape: tuple[int, int, int]
-  mean: tuple[float, ...]  # per channel, of pixels scaled to [0, 1].
+  mean: tuple[float, ...]
   std: tuple[float, ...]
-  shuffle_buffer: int
-  train_image: Callable[[tf.Tensor, int, tf.Tensor], tf.Tensor]  # (encoded, size, seed).
-  eval_image: Callable[[tf.Tensor, int], tf.Tensor]  # (encoded, size).
-  how_to_prepare: str | None  # None: prepared automatically on first use.
+  preprocessing: str
+  how_to_prepare: str  # "" for digits: prepared automatically on first use
 
 
-def _cifar(name: str, mean: tuple[float, ...], std: tuple[float, ...]) -> _TfdsSource:
-  shape = (32, 32, 3)
-  return _TfdsSource(
-      name, "train", "test", shape, mean, std, shuffle_buffer=50_000,
-      train_image=functools.partial(preprocessing.small_image_train, shape=shape, padding=4,
-                                    flip=True),
-      eval_image=functools.partial(preprocessing.small_image_eval, shape=shape),
-      how_to_prepare=f"run `tfds build {name} --data_dir={{data_dir}}` (downloads it once)")
-
-
-_DIGITS_SHAPE = (8, 8, 1)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-_TFDS_SOURCES = {
+_BUILD = "run `tfds build {tfds_name} --data_dir={data_dir}` (downloads it once)"
+_KNOWN = {
     # Digits are not flip-invariant: augment by translation only. Mean/std of train pixels.
-    "digits": _TfdsSource(
-        digits.SklearnDigits.name, "train", "test", _DIGITS_SHAPE, (0.3055,), (0.3759,),
-        shuffle_buffer=digits.NUM_TRAIN_EXAMPLES,
-        train_image=functools.partial(preprocessing.small_image_train, shape=_DIGITS_SHAPE,
-                                      padding=1, flip=False),
-        eval_image=functools.partial(preprocessing.small_image_eval, shape=_DIGITS_SHAPE),
-        how_to_prepare=None),
-    "cifar10": _cifar("cifar10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": _cifar("cifar100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet2012": _TfdsSource(
-        "imagenet2012", "train", "validation", (224, 224, 3), _IMAGENET_MEAN, _IMAGENET_STD,
-        shuffle_buffer=16_384,
-        train_image=preprocessing.inception_crop_train,
-        eval_image=preprocessing.center_crop_eval,
-        how_to_prepare="download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
-                       "https://image-net.org into {data_dir}/downloads/manual, then run "
-                       "`tfds build imagenet2012 --data_dir={data_dir}`"),
+    "digits": _Known(digits.SklearnDigits.name, (0.3055,), (0.3759,), "translate", ""),
+    "cifar10": _Known("cifar10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar",
+                      _BUILD),
+    "cifar100": _Known("cifar100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                       "cifar", _BUILD),
+    "imagenet2012": _Known(
+        "imagenet2012", IMAGENET_MEAN, IMAGENET_STD, "imagenet",
+        "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+        "https://image-net.org (after registering) into {data_dir}/downloads/manual/, then run "
+        "`tfds build imagenet2012 --data_dir={data_dir}`"),
 }
 
 
@@ -85,114 +73,296 @@ def _hide_accelerators_from_tf() -> None:
 _hide_accelerators_from_tf()
 
 
-def prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The tfds builder of `name`, prepared; never downloads anything."""
-  source = _TFDS_SOURCES[name]
-  builder = tfds.builder(source.tfds_name, data_dir=data_dir or None)
-  if not builder.is_prepared():
-    if source.how_to_prepare is not None:
-      root = builder.data_path.parent.parent
-      raise ValueError(
-          f"Dataset {name!r} is not prepared: no tfds {source.tfds_name!r} found in data_dir "
-          f"{str(root)!r} (looked in {str(builder.data_path)!r}). To prepare it, "
-          f"{source.how_to_prepare.format(data_dir=root)}, or point data_dir at a directory "
-          f"where it is prepared.")
+def _unknown_name_error(name: str) -> ValueError:
+  candidates = sorted(set(_KNOWN) | set(tfds.list_builders(with_community_datasets=False)))
+  close = difflib.get_close_matches(name, candidates)
+  hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+  return ValueError(
+      f"Unknown dataset {name!r}.{hint} Use 'digits', 'fake', 'folder:PATH' (your own image "
+      "folder) or the name of a tfds image-classification dataset (`tfds.list_builders()`).")
+
+
+def _prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The tfds builder of a registered dataset, prepared; never downloads anything."""
+  known = _KNOWN.get(name)
+  tfds_name = known.tfds_name if known else name
+  try:
+    builder = tfds.builder(tfds_name, data_dir=data_dir or None)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError):  # unknown or ill-formed
+    raise _unknown_name_error(name) from None
+  if builder.is_prepared():
+    return builder
+  if known and not known.how_to_prepare:
     builder.download_and_prepare()
-  return builder
+    return builder
+  root = builder.data_path.parents[2 if builder.builder_config else 1]  # name[/config]/version
+  how = (known.how_to_prepare if known else _BUILD).format(tfds_name=tfds_name, data_dir=root)
+  manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+  if manual and not known:
+    how = (f"follow tfds' manual download instructions ({' '.join(manual.split())}), put the "
+           f"files in {root}/downloads/manual/, then " + how)
+  raise ValueError(
+      f"Dataset {name!r} is not prepared: no tfds {tfds_name!r} found in data_dir {str(root)!r} "
+      f"(looked in {str(builder.data_path)!r}). To prepare it, {how}, or point "
+      "config.data_dir at a directory where it is prepared. Nothing is downloaded at "
+      "training time.")
 
 
-def dataset_facts(name: str, data_dir: str | None) -> tuple[int, tuple[int, int, int], int, int]:
-  """(num_classes, image_shape, num_train_examples, num_eval_examples) of a tfds dataset."""
-  source = _TFDS_SOURCES[name]
-  info = prepared_builder(name, data_dir).info
-  return (info.features["label"].num_classes, source.image_shape,
-          info.splits[source.train_split].num_examples,
-          info.splits[source.eval_split].num_examples)
+@functools.lru_cache(maxsize=16)
+def _reader(builder_dir: str) -> tfds.core.DatasetBuilder:
+  return tfds.builder_from_directory(builder_dir)
 
 
-def _data_options() -> tf.data.Options:
+def _check_readable(name: str, builder: tfds.core.DatasetBuilder) -> None:
+  features = builder.info.features
+  found = sorted(features.keys()) if isinstance(features, tfds.features.FeaturesDict) else []
+  if not ("image" in found and "label" in found
+          and isinstance(features["label"], tfds.features.ClassLabel)):
+    raise ValueError(f"Dataset {name!r} is not image classification as resnet_jax reads it: "
+                     f"it needs an 'image' feature and a 'label' ClassLabel; it has {found}.")
+  file_format = builder.info.file_format
+  if file_format is not None and str(getattr(file_format, "value", file_format)) != "tfrecord":
+    raise ValueError(f"Dataset {name!r} is prepared as {file_format.value}, which this "
+                     f"pipeline does not read; prepare it again with "
+                     f"`tfds build {builder.name} --file_format=tfrecord`.")
+
+
+def dataset_info(name: str, data_dir: str | None, holdout_fraction: float) -> DatasetInfo:
+  """Resolves a tfds name or `folder:PATH`, preparing digits and folders as needed."""
+  if name.startswith(FOLDER_PREFIX):
+    path = name[len(FOLDER_PREFIX):]
+    if not path:
+      raise ValueError(f"Dataset {name!r} names no folder: use folder:PATH, e.g. "
+                       f"--config.dataset=folder:~/my_photos. {image_folder.LAYOUT}")
+    builder_dir, _, facts = image_folder.prepared_builder_dir(path, data_dir, holdout_fraction)
+    builder = _reader(builder_dir)
+    native_size = facts["native_image_size"]
+    if native_size > preprocessing.SMALL_IMAGE_MAX_SIZE:
+      native_size = 224
+    known = None
+    eval_split = facts["eval_split"]
+  else:
+    builder = _prepared_builder(name, data_dir)
+    builder_dir = str(builder.data_path)
+    known = _KNOWN.get(name)
+    _check_readable(name, builder)
+    height, width = builder.info.features["image"].shape[:2]
+    native_size = min(height, width) if height and width else 224
+    eval_split = next((s for s in EVAL_SPLITS if s in builder.info.splits), None)
+    if eval_split is None or "train" not in builder.info.splits:
+      raise ValueError(f"Dataset {name!r} needs a 'train' split and one of {EVAL_SPLITS}; it "
+                       f"has {sorted(builder.info.splits.keys())}.")
+  channels = builder.info.features["image"].shape[2] or 3
+  splits = builder.info.splits
+  return DatasetInfo(
+      name=name, num_classes=builder.info.features["label"].num_classes,
+      image_shape=(native_size, native_size, channels),
+      num_train_examples=splits["train"].num_examples,
+      num_eval_examples=splits[eval_split].num_examples,
+      class_names=tuple(builder.info.features["label"].names),
+      mean=known.mean if known else IMAGENET_MEAN,
+      std=known.std if known else IMAGENET_STD,
+      preprocessing=known.preprocessing if known else preprocessing.default_preset(native_size),
+      builder_dir=builder_dir, train_split="train", eval_split=eval_split)
+
+
+# Reading records: chunks of this process's range, groups, stateless shuffles.
+
+@dataclasses.dataclass(frozen=True)
+class _Chunks:
+  """This process's records of a split as chunks: file, offset in it, count, index in range."""
+  files: np.ndarray  # str
+  offsets: np.ndarray  # int64
+  counts: np.ndarray  # int64
+  starts: np.ndarray  # int64, first record's index within this process's range
+
+  @property
+  def num_records(self) -> int:
+    return int(self.counts.sum())
+
+
+def _chunks(info: DatasetInfo, split: str, process_index: int, process_count: int) -> _Chunks:
+  split_info = _reader(info.builder_dir).info.splits[split]
+  begin, end = process_range(split_info.num_examples, process_index, process_count)
+  rows, file_begin = [], 0
+  for path, length in zip(split_info.filepaths, split_info.shard_lengths):
+    lo, hi = max(begin, file_begin), min(end, file_begin + length)
+    for offset in range(lo, hi, CHUNK_SIZE):
+      rows.append((os.fspath(path), offset - file_begin, min(CHUNK_SIZE, hi - offset),
+                   offset - begin))
+    file_begin += length
+  files, offsets, counts, starts = zip(*rows) if rows else ((), (), (), ())
+  return _Chunks(np.asarray(files, dtype=object), np.asarray(offsets, np.int64),
+                 np.asarray(counts, np.int64), np.asarray(starts, np.int64))
+
+
+def _read_file_chunk(file: tf.Tensor, offset: tf.Tensor, count: tf.Tensor) -> tf.data.Dataset:
+  return tf.data.TFRecordDataset(file).skip(offset).take(count)
+
+
+def _records_in_memory(chunks: _Chunks) -> tf.Tensor:
+  """Every record of the chunks, in range order: a string tensor [num_records]."""
+  ds = tf.data.Dataset.from_tensor_slices((chunks.files.astype(str), chunks.offsets,
+                                           chunks.counts)).flat_map(_read_file_chunk)
+  return ds.batch(max(chunks.num_records, 1)).get_single_element()
+
+
+def _group_reader(chunks: _Chunks, cache: bool):
+  """(chunk indices) → their records, concatenated, from the files or from memory."""
+  if cache:
+    records = _records_in_memory(chunks)
+    starts, counts = tf.constant(chunks.starts), tf.constant(chunks.counts)
+
+    def read(indices: tf.Tensor) -> tf.Tensor:
+      first = tf.gather(starts, indices)
+      return tf.gather(records, tf.ragged.range(first, first + tf.gather(counts, indices))
+                       .flat_values)
+    return read
+
+  files, offsets = tf.constant(chunks.files.astype(str)), tf.constant(chunks.offsets)
+  counts = tf.constant(chunks.counts)
+
+  def read(indices: tf.Tensor) -> tf.Tensor:
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.gather(files, indices), tf.gather(offsets, indices), tf.gather(counts, indices)))
+    total = tf.reduce_sum(tf.gather(counts, indices))
+    return ds.flat_map(_read_file_chunk).batch(total).get_single_element()
+  return read
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+  """Part of an epoch: shuffle these chunks' records, emit [begin, end) of the result."""
+  chunk_indices: np.ndarray
+  shuffle_seed: np.ndarray  # int64 [2]
+  begin: int
+  end: int
+  first_position: int  # the position in the epoch of record `begin`
+  augment_seed: int
+
+
+def epoch_groups(counts: np.ndarray, *, epoch: int, seed: int, process_index: int,
+                 shuffle_buffer: int, epoch_examples: int, start_position: int
+                 ) -> Iterator[_Group]:
+  """The groups of one epoch from `start_position` on; earlier groups are never read."""
+  rng = np.random.default_rng([seed, epoch, process_index])
+  order = rng.permutation(len(counts))
+  augment_seed = int(rng.integers(2**62))
+  groups, group, group_size = [], [], 0
+  for index in order:
+    group.append(index)
+    group_size += counts[index]
+    if group_size >= shuffle_buffer:
+      groups.append(np.asarray(group))
+      group, group_size = [], 0
+  if group:
+    groups.append(np.asarray(group))
+  seeds = rng.integers(2**62, size=(len(groups), 2))
+  position = 0
+  for chunk_indices, shuffle_seed in zip(groups, seeds):
+    size = min(int(counts[chunk_indices].sum()), epoch_examples - position)
+    if size <= 0:
+      return
+    if position + size > start_position:
+      begin = max(0, start_position - position)
+      yield _Group(chunk_indices, shuffle_seed, begin, size, position + begin, augment_seed)
+    position += size
+
+
+def _records_dataset(features: tfds.features.FeaturesDict) -> callable:
+  def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    example = features.deserialize_example(
+        serialized, decoders={"image": tfds.decode.SkipDecoding()})
+    return {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
+  return parse
+
+
+def _options(num_threads: int) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
+  if num_threads:
+    options.threading.private_threadpool_size = num_threads
   return options
 
 
-def _model_inputs(source: _TfdsSource, image: tf.Tensor, image_size: int,
-                  label: tf.Tensor) -> dict[str, tf.Tensor]:
-  image = preprocessing.normalize(image, source.mean, source.std)
-  image = tf.ensure_shape(image, [image_size, image_size, source.image_shape[2]])
-  return {"image": image, "label": tf.cast(label, tf.int32)}
-
-
-def train_batches(name: str, *, local_batch: int, batches_per_epoch: int, image_size: int,
-                  seed: int, start_batch: int, augment: bool, data_dir: str | None,
-                  process_index: int, process_count: int) -> Iterator[Batch]:
-  """Endless batches of this process's shard, from batch `start_batch` on."""
-  source = _TFDS_SOURCES[name]
-  shard = tfds.even_splits(source.train_split, n=process_count)[process_index]
-  epoch = functools.partial(
-      _train_epoch, prepared_builder(name, data_dir), source, shard,
-      local_batch=local_batch, batches_per_epoch=batches_per_epoch,
-      image_size=image_size or source.image_shape[0], augment=augment, seed=seed,
-      process_index=process_index)
+def train_batches(info: DatasetInfo, *, local_batch: int, batches_per_epoch: int,
+                  image_size: int, seed: int, start_batch: int, augment: bool,
+                  preprocessing_name: str, process_index: int, process_count: int,
+                  shuffle_buffer: int, cache: bool, num_threads: int) -> Iterator[Batch]:
+  """Endless uint8 batches of this process's shard, from batch `start_batch` on."""
+  chunks = _chunks(info, info.train_split, process_index, process_count)
+  epoch_examples = batches_per_epoch * local_batch
+  if chunks.num_records < epoch_examples:
+    raise ValueError(f"Process {process_index} has {chunks.num_records} training records, "
+                     f"fewer than the {epoch_examples} of an epoch; use a smaller batch size.")
   first_epoch, first_batch = divmod(start_batch, batches_per_epoch)
-  for index in itertools.count(first_epoch):
-    skip_batches = first_batch if index == first_epoch else 0
-    yield from epoch(index, skip_batches=skip_batches).as_numpy_iterator()
+  read_group = _group_reader(chunks, cache)
+  parse = _records_dataset(_reader(info.builder_dir).info.features)
+  preset = preprocessing.PRESETS[preprocessing_name]
+  channels = info.image_shape[2]
 
+  def groups() -> Iterator[tuple]:
+    for epoch in itertools.count(first_epoch):
+      for g in epoch_groups(chunks.counts, epoch=epoch, seed=seed, process_index=process_index,
+                            shuffle_buffer=shuffle_buffer or epoch_examples,
+                            epoch_examples=epoch_examples,
+                            start_position=first_batch * local_batch * (epoch == first_epoch)):
+        yield (g.chunk_indices, g.shuffle_seed, g.begin, g.end, g.first_position,
+               g.augment_seed)
 
-def _train_epoch(builder: tfds.core.DatasetBuilder, source: _TfdsSource, shard: str, epoch: int,
-                 *, skip_batches: int, local_batch: int, batches_per_epoch: int,
-                 image_size: int, augment: bool, seed: int,
-                 process_index: int) -> tf.data.Dataset:
-  """Batches `skip_batches`, ... of one epoch; its randomness is seeded by (seed, epoch)."""
-  shuffle_seed, augment_seed = (
-      int(s) for s in np.random.SeedSequence([seed, epoch, process_index]).generate_state(2))
-  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False,
-                                options=_data_options())
-  # Images stay encoded until after the skip, so skipped examples are never decoded.
-  ds = builder.as_dataset(split=shard, shuffle_files=True, read_config=read_config,
-                          decoders={"image": tfds.decode.SkipDecoding()})
-  ds = ds.shuffle(source.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-  ds = ds.take(batches_per_epoch * local_batch).enumerate().skip(skip_batches * local_batch)
+  def load(chunk_indices, shuffle_seed, begin, end, first_position, augment_seed):
+    records = tf.random.experimental.stateless_shuffle(read_group(chunk_indices), shuffle_seed)
+    positions = tf.range(first_position, first_position + end - begin)
+    return (records[begin:end], positions,
+            tf.fill(tf.shape(positions), augment_seed))
 
-  def preprocess(position: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  def preprocess(serialized, position, augment_seed) -> dict[str, tf.Tensor]:
+    example = parse(serialized)
     if augment:
-      example_seed = tf.stack([tf.constant(augment_seed, tf.int64), position])
-      image = source.train_image(example["image"], image_size, example_seed)
+      image = preset.train(example["image"], image_size, tf.stack([augment_seed, position]),
+                           channels)
     else:
-      image = source.eval_image(example["image"], image_size)
-    return _model_inputs(source, image, image_size, example["label"])
+      image = preset.eval(example["image"], image_size, channels)
+    return {"image": tf.ensure_shape(image, [image_size, image_size, channels]),
+            "label": example["label"]}
 
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  scalar = tf.TensorSpec([], tf.int64)
+  ds = tf.data.Dataset.from_generator(groups, output_signature=(
+      tf.TensorSpec([None], tf.int64), tf.TensorSpec([2], tf.int64), scalar, scalar, scalar,
+      scalar))
+  # Groups load (read + shuffle) in parallel with the one being consumed: no stall between.
+  ds = ds.map(load, num_parallel_calls=2, deterministic=True).prefetch(1).unbatch()
+  ds = ds.map(preprocess, num_parallel_calls=num_threads or tf.data.AUTOTUNE,
+              deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return ds.with_options(_data_options())
+  return ds.with_options(_options(num_threads)).as_numpy_iterator()
 
 
-def eval_shard_sizes(name: str, data_dir: str | None, process_count: int) -> list[int]:
-  """Examples in each process's eval shard."""
-  splits = prepared_builder(name, data_dir).info.splits
-  shards = tfds.even_splits(_TFDS_SOURCES[name].eval_split, n=process_count)
-  return [splits[shard].num_examples for shard in shards]
+def eval_batches(info: DatasetInfo, *, local_batch: int, num_batches: int, image_size: int,
+                 preprocessing_name: str, process_index: int, process_count: int,
+                 cache: bool, num_threads: int) -> Iterator[Batch]:
+  """One fixed-order pass over this process's eval range, padded to `num_batches` batches."""
+  chunks = _chunks(info, info.eval_split, process_index, process_count)
+  parse = _records_dataset(_reader(info.builder_dir).info.features)
+  preset = preprocessing.PRESETS[preprocessing_name]
+  channels = info.image_shape[2]
+  if cache:
+    ds = tf.data.Dataset.from_tensor_slices(_records_in_memory(chunks)).take(
+        chunks.num_records)
+  else:
+    ds = tf.data.Dataset.from_tensor_slices(
+        (chunks.files.astype(str), chunks.offsets, chunks.counts)).flat_map(_read_file_chunk)
 
+  def preprocess(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    example = parse(serialized)
+    image = preset.eval(example["image"], image_size, channels)
+    return {"image": tf.ensure_shape(image, [image_size, image_size, channels]),
+            "label": example["label"], "mask": tf.constant(1.0)}
 
-def eval_batches(name: str, *, local_batch: int, num_batches: int, shard_size: int,
-                 image_size: int, data_dir: str | None, process_index: int,
-                 process_count: int) -> Iterator[Batch]:
-  """One fixed-order pass over this process's eval shard, padded to `num_batches` batches."""
-  source = _TFDS_SOURCES[name]
-  image_size = image_size or source.image_shape[0]
-  shard = tfds.even_splits(source.eval_split, n=process_count)[process_index]
-  ds = prepared_builder(name, data_dir).as_dataset(
-      split=shard, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(try_autocache=False, options=_data_options()))
-
-  def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    image = source.eval_image(example["image"], image_size)
-    return {**_model_inputs(source, image, image_size, example["label"]), "mask": tf.constant(1.0)}
-
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(preprocess, num_parallel_calls=num_threads or tf.data.AUTOTUNE,
+              deterministic=True)
   padding_example = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
-  num_padding = num_batches * local_batch - shard_size
+  num_padding = num_batches * local_batch - chunks.num_records
   padding = tf.data.Dataset.from_tensors(padding_example).repeat(num_padding)
   ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_data_options()).as_numpy_iterator()
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads)).as_numpy_iterator()

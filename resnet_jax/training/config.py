@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from resnet_jax.data.pipeline import PRESETS
+
 PARALLELISM_MODES = ("jit", "pmap")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
@@ -27,12 +29,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute dtype; params and BatchNorm statistics stay float32.
 
   # Data.
-  c.dataset = "digits"
-  c.data_dir = ""  # "": tfds' default data dir.
-  c.image_size = 0  # 0: the dataset's native size.
+  c.dataset = "digits"  # "digits", "fake", "folder:PATH", or a tfds name ("cifar10", ...)
+  c.data_dir = ""  # "": tfds' default data dir (folders are prepared into it too).
+  c.holdout_fraction = 0.1  # folder:PATH without val/ or test/: held out of each class.
+  c.image_size = 0  # 0: the dataset's native size (224 for large images).
   c.batch_size = 128  # global, across all devices and processes.
   c.eval_batch_size = 0  # 0: same as batch_size.
   c.augment = True
+  c.preprocessing = "auto"  # "cifar", "translate", "imagenet"; "auto": by dataset/image size.
+  c.mixup_alpha = 0.0  # > 0: mixup with Beta(alpha, alpha), on the device.
+  c.cutmix_alpha = 0.0  # > 0: CutMix with Beta(alpha, alpha), on the device.
+  c.mix_probability = 1.0  # of mixing a batch (with both on, mixup or CutMix at random).
+  c.shuffle_buffer = 0  # records shuffled together; 0: a whole epoch.
+  c.cache = False  # keep this process's encoded records in memory (small datasets).
+  c.data_threads = 0  # tf.data decoding threads; 0: autotuned.
+  c.prefetch_batches = 2  # batches put on the devices ahead of the step.
 
   # Length of training.
   c.num_epochs = 1.0
@@ -98,6 +109,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   one_of("optimizer", OPTIMIZERS)
   one_of("schedule", SCHEDULES)
   one_of("weight_decay_mode", WEIGHT_DECAY_MODES)
+  one_of("preprocessing", PRESETS)
+  check(0 <= config.holdout_fraction < 1, "holdout_fraction", "must be in [0, 1)")
+  check(config.mixup_alpha >= 0, "mixup_alpha", "must be >= 0 (0 disables mixup)")
+  check(config.cutmix_alpha >= 0, "cutmix_alpha", "must be >= 0 (0 disables CutMix)")
+  check(0 <= config.mix_probability <= 1, "mix_probability", "must be in [0, 1]")
+  check(config.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0 (0: a whole epoch)")
+  check(config.data_threads >= 0, "data_threads", "must be >= 0 (0: autotuned)")
+  check(config.prefetch_batches >= 0, "prefetch_batches", "must be >= 0")
   check(config.batch_size > 0, "batch_size", "must be positive")
   check(config.eval_batch_size >= 0, "eval_batch_size", "must be >= 0")
   check(config.num_classes >= 0, "num_classes", "must be >= 0 (0 takes it from the dataset)")

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from resnet_jax import data
+from resnet_jax.data.device_ops import InputTransform
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.training import checkpointing, optimizers, parallel, reporting, steps
 from resnet_jax.training.config import validate_config
@@ -34,6 +35,7 @@ class Experiment:
   config: ml_collections.ConfigDict
   dataset: data.DatasetInfo
   image_size: int
+  preprocessing: str  # the preset, "auto" resolved
   model: ResNet
   steps_per_epoch: int  # train steps (batches), not optimizer updates
   total_steps: int
@@ -47,8 +49,8 @@ class Experiment:
 def setup(config: ml_collections.ConfigDict) -> Experiment:
   """Validates the config against the dataset, model and devices; builds the steps."""
   validate_config(config)
-  data_dir = config.data_dir or None
-  info = data.get_dataset_info(config.dataset, data_dir)
+  info = data.get_dataset_info(config.dataset, config.data_dir or None,
+                               holdout_fraction=config.holdout_fraction)
   parallel.check_batch_divisible(config.batch_size)
   parallel.check_batch_divisible(config.eval_batch_size or config.batch_size, "eval_batch_size")
   image_size = config.image_size or info.image_shape[0]
@@ -77,16 +79,23 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
       use_ema=config.ema_decay > 0,
       loss_scale=config.loss_scale_init if config.dtype == "float16" else None)
 
+  inputs = InputTransform(
+      mean=info.mean, std=info.std, dtype=DTYPES[config.dtype], mixup_alpha=config.mixup_alpha,
+      cutmix_alpha=config.cutmix_alpha, mix_probability=config.mix_probability)
   train_step = functools.partial(
-      steps.train_step, learning_rate_fn=schedule, label_smoothing=config.label_smoothing,
-      ema_decay=config.ema_decay, grad_accum_steps=accum)
+      steps.train_step, inputs=inputs, learning_rate_fn=schedule,
+      label_smoothing=config.label_smoothing, ema_decay=config.ema_decay, grad_accum_steps=accum)
+  eval_step = functools.partial(steps.eval_step, inputs=inputs)
   return Experiment(
-      config=config, dataset=info, image_size=image_size, model=model,
+      config=config, dataset=info, image_size=image_size,
+      preprocessing=(info.preprocessing if config.preprocessing == "auto"
+                     else config.preprocessing),
+      model=model,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
       eval_every_steps=config.eval_every_steps or steps_per_epoch,
       checkpoint_every_steps=config.checkpoint_every_steps or steps_per_epoch,
       train_step=train_step,
-      data_parallel=parallel.make_data_parallel(config.parallelism, train_step, steps.eval_step),
+      data_parallel=parallel.make_data_parallel(config.parallelism, train_step, eval_step),
       initial_state=jax.device_put(state, parallel.replicated_sharding()))
 
 
@@ -94,20 +103,23 @@ def train_batches(exp: Experiment, start_batch: int) -> Iterator[dict[str, np.nd
   """This process's slices of the global train batches, from batch `start_batch` on."""
   c = exp.config
   return data.train_batches(
-      c.dataset, global_batch_size=c.batch_size, image_size=exp.image_size, seed=c.seed,
-      start_batch=start_batch, augment=c.augment, data_dir=c.data_dir or None,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      exp.dataset, global_batch_size=c.batch_size, image_size=exp.image_size, seed=c.seed,
+      start_batch=start_batch, augment=c.augment, process_index=jax.process_index(),
+      process_count=jax.process_count(), preprocessing=exp.preprocessing,
+      shuffle_buffer=c.shuffle_buffer, cache=c.cache, num_threads=c.data_threads)
 
 
 def evaluate(exp: Experiment, state: TrainState) -> dict[str, float]:
   """Loss and accuracies over the whole eval split, each example counted once."""
   c = exp.config
   batches = data.eval_batches(
-      c.dataset, global_batch_size=c.eval_batch_size or c.batch_size,
-      image_size=exp.image_size, data_dir=c.data_dir or None,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      exp.dataset, global_batch_size=c.eval_batch_size or c.batch_size,
+      image_size=exp.image_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), preprocessing=exp.preprocessing, cache=c.cache,
+      num_threads=c.data_threads)
   dp = exp.data_parallel
-  sums = [dp.eval_step(state, dp.put_batch(batch)) for batch in batches]
+  sums = [dp.eval_step(state, batch)
+          for batch in parallel.prefetch_to_devices(batches, dp.put_batch, c.prefetch_batches)]
   total = jax.tree.map(lambda *xs: sum(float(x) for x in xs), *sums)
   return steps.summarize_eval(total)
 
@@ -116,7 +128,9 @@ def data_position(exp: Experiment, step: int) -> dict[str, Any]:
   """The checkpointed position in the data stream: enough to continue it exactly."""
   c = exp.config
   return {"dataset": c.dataset, "seed": c.seed, "global_batch_size": c.batch_size,
-          "image_size": exp.image_size, "augment": c.augment, "next_batch": step}
+          "image_size": exp.image_size, "augment": c.augment,
+          "preprocessing": exp.preprocessing, "shuffle_buffer": c.shuffle_buffer,
+          "next_batch": step}
 
 
 def resume_batch(exp: Experiment, saved: dict[str, Any], step: int) -> int:
@@ -156,14 +170,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = reporting.MetricsWriter(workdir, enabled=is_main_process, resume_step=start_step)
   dp = exp.data_parallel
   state = dp.put_state(state)
-  batches = train_batches(exp, start_batch)
+  batches = parallel.prefetch_to_devices(train_batches(exp, start_batch), dp.put_batch,
+                                        config.prefetch_batches)
   progress = reporting.progress_bar(exp.total_steps, start_step,
                                     enabled=is_main_process and config.progress_bar)
   eval_metrics = evaluate(exp, state) if start_step >= exp.total_steps else {}
   pending_metrics = []
   interval_start, interval_steps, interval_eval_seconds = time.perf_counter(), 0, 0.0
   for step in range(start_step + 1, exp.total_steps + 1):
-    state, metrics = dp.train_step(state, dp.put_batch(next(batches)))
+    state, metrics = dp.train_step(state, next(batches))
     pending_metrics.append(metrics)
     interval_steps += 1
     progress.update(1)

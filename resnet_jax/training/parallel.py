@@ -10,9 +10,10 @@ does not know which one runs:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -107,6 +108,18 @@ def make_jit(train_step: Callable, eval_step: Callable) -> DataParallel:
     return jax.device_put(state, replicated, may_alias=False)
 
   return DataParallel("jit", put_state, lambda s: s, put_batch, j_train, j_eval)
+
+
+def prefetch_to_devices(batches: Iterable[Any], put_batch: Callable[[Any], Any],
+                        size: int = 2) -> Iterator[Any]:
+  """Yields put batches while the next `size` are already on their way to the devices."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(put_batch(batch))  # asynchronous: returns before the copy is done
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def make_data_parallel(mode: str, train_step: Callable, eval_step: Callable) -> DataParallel:

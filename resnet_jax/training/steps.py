@@ -14,16 +14,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from resnet_jax.data.device_ops import InputTransform
 from resnet_jax.training.train_state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+MIX_STREAM = 1  # folded into the step's key for mixup/cutmix; drop path uses the key itself
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy against smoothed one-hot labels, in float32."""
-  num_classes = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0
+                  ) -> jax.Array:
+  """Per-example softmax cross-entropy against smoothed targets ([batch, classes]), in float32.
+
+  `targets` may also be integer labels [batch], taken as one-hot.
+  """
+  if targets.ndim == 1:
+    targets = jax.nn.one_hot(targets, logits.shape[-1])
+  targets = optax.smooth_labels(targets, label_smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
@@ -40,21 +47,29 @@ def train_step(
     batch: Batch,
     *,
     learning_rate_fn: optax.Schedule,
+    inputs: InputTransform = InputTransform(),
     label_smoothing: float = 0.0,
     ema_decay: float = 0.0,
     grad_accum_steps: int = 1,
     axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
-  """One SGD step on `batch` ({"image", "label"}); returns the new state and mean metrics."""
+  """One SGD step on `batch` ({"image": uint8, "label"}); returns the new state and mean metrics.
+
+  `inputs` normalises the images (and mixes them, if configured) with a key derived from
+  the step counter, so a resumed run sees exactly the same inputs.
+  """
   step_rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:  # each replica drops different paths
     step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+  num_classes = state.params["fc"]["kernel"].shape[-1]
+  images, targets = inputs.train_inputs(jax.random.fold_in(step_rng, MIX_STREAM),
+                                        batch["image"], batch["label"], num_classes)
 
   def loss_fn(params):
     logits, new_model_state = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         mutable=["batch_stats"], rngs={"drop_path": step_rng})
-    loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+    loss = jnp.mean(cross_entropy(logits, targets, label_smoothing))
     scaled_loss = loss if state.loss_scale is None else loss * state.loss_scale.scale
     return scaled_loss, (loss, logits, new_model_state.get("batch_stats", {}))
 
@@ -74,7 +89,7 @@ def train_step(
 
   metrics = {
       "loss": loss,
-      "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
       "learning_rate": learning_rate_fn(state.step // grad_accum_steps),
   }
   if state.loss_scale is not None:
@@ -89,9 +104,10 @@ def train_step(
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) -> Metrics:
+def eval_step(state: TrainState, batch: Batch, *, inputs: InputTransform = InputTransform(),
+              axis_name: str | None = None) -> Metrics:
   """Sums over the real (mask == 1) examples of `batch`: loss, correct, top-5 correct, count."""
-  logits = state.apply_fn(state.eval_variables, batch["image"], train=False)
+  logits = state.apply_fn(state.eval_variables, inputs.eval_images(batch["image"]), train=False)
   mask = batch["mask"]
   labels = batch["label"]
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]

@@ -1,0 +1,23 @@
+"""ResNet-20 on the CIFAR-10 JPEG folder (`../shared/data/cifar10-train-jpeg.tar.gz`).
+
+  tar -xzf cifar10-train-jpeg.tar.gz -C /data
+  python train.py --config=configs/cifar10_folder.py --config.dataset=folder:/data/cifar10
+
+The paper's recipe (He et al. 2015, section 4.2): SGD, momentum 0.9, lr 0.1, weight
+decay 1e-4, batch 128, 64k iterations with lr ÷10 at 32k and 48k, 4-pixel pad + random
+32×32 crop + flip. The folder has only the 50,000 training images, so 10% of each class
+(5,000) is held out for validation, as the paper did (45k/5k split). A shortened
+schedule for a CPU:
+  --config.num_train_steps=3000 --config.step_decay_boundaries='(1500, 2250)'
+"""
+
+from configs import cifar10_resnet20
+
+
+def get_config():
+  config = cifar10_resnet20.get_config()
+  config.dataset = "folder:"  # set with --config.dataset=folder:DIR
+  config.holdout_fraction = 0.1
+  config.preprocessing = "cifar"
+  config.cache = True  # 50k small JPEGs: ~90 MB of encoded records in memory
+  return config

@@ -1,0 +1,300 @@
+"""Users' image folders (`folder:PATH`) as tfds datasets: scanned, checked, prepared once.
+
+  PATH/train/<class>/*.{jpg,jpeg,png,bmp,gif,webp}
+  PATH/val/<class>/...  or  PATH/test/<class>/...     (optional)
+
+Classes are the sorted names of the train folders. Without val/ or test/, the last
+`holdout_fraction` of each class's files (sorted by name; at least one) are held out
+as the `holdout` split. Preparing copies every readable file's bytes as they are (no re-encoding) into a
+tfds dataset under `data_dir/folder_images/`, named by a fingerprint of the file list
+(paths, sizes, mtimes) and the hold-out, so a changed folder is prepared again and an
+unchanged one never is. Preparing is where each file is decoded once with the decoder
+training uses: an unreadable file is skipped with a warning naming it and a count at the
+end, so nothing fails mid-epoch and nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import tqdm
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+EVAL_FOLDERS = ("val", "test")
+HOLDOUT_SPLIT = "holdout"
+FACTS_FILE = "resnet_jax_folder.json"  # beside the tfds files: what preparing found
+_FORMAT_VERSION = 1  # bump when what preparing writes changes
+LAYOUT = ("Expected layout:\n"
+          "  PATH/train/<class name>/<image>   (.jpg .jpeg .png .bmp .gif .webp)\n"
+          "  PATH/val/<class name>/<image>     (optional; or PATH/test/...; without either,\n"
+          "                                     holdout_fraction of each class is held out)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderListing:
+  """The files of an image folder by split, with labels, and the fingerprint of it all."""
+  root: str
+  class_names: tuple[str, ...]
+  holdout_fraction: float
+  splits: dict[str, list[tuple[str, int]]]  # split folder → [(path, label)]
+  eval_split: str  # "val", "test", or "holdout": held out of train when preparing
+  ignored_files: tuple[str, ...]  # not images by their extension
+  fingerprint: str
+
+
+def _image_files(class_dir: str, ignored: list[str]) -> list[os.DirEntry]:
+  entries = sorted((e for e in os.scandir(class_dir) if e.is_file()), key=lambda e: e.name)
+  images = [e for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)]
+  ignored.extend(e.path for e in entries if e not in images and not e.name.startswith("."))
+  return images
+
+
+def _class_dirs(split_dir: str) -> dict[str, str]:
+  return {e.name: e.path for e in os.scandir(split_dir)
+          if e.is_dir() and not e.name.startswith(".")}
+
+
+def scan(root: str, holdout_fraction: float) -> FolderListing:
+  """Lists and checks the folder; raises ValueError naming what is wrong with it."""
+  root = os.path.abspath(os.path.expanduser(root))
+  if not os.path.isdir(root):
+    raise ValueError(f"Image folder {root!r} does not exist or is not a directory. {LAYOUT}")
+  train_dir = os.path.join(root, "train")
+  if not os.path.isdir(train_dir):
+    raise ValueError(f"Image folder {root!r} has no train/ folder. {LAYOUT}")
+  class_dirs = _class_dirs(train_dir)
+  if not class_dirs:
+    raise ValueError(f"{train_dir!r} has no class folders. {LAYOUT}")
+  class_names = tuple(sorted(class_dirs))
+  label_of = {name: label for label, name in enumerate(class_names)}
+  ignored: list[str] = []
+  fingerprint = hashlib.sha256(json.dumps([_FORMAT_VERSION, holdout_fraction]).encode())
+
+  def list_split(split: str) -> list[tuple[str, int]]:
+    split_dir = os.path.join(root, split)
+    dirs = _class_dirs(split_dir)
+    unknown = sorted(set(dirs) - set(class_names))
+    if unknown:
+      raise ValueError(f"{split_dir!r} has class folder(s) {unknown} that train/ lacks; "
+                       f"every {split}/ class must also be a train/ class.")
+    files = []
+    for name in sorted(dirs):
+      entries = _image_files(dirs[name], ignored)
+      if not entries and split == "train":
+        raise ValueError(f"Class folder {dirs[name]!r} has no images "
+                         f"({' '.join(IMAGE_EXTENSIONS)}); add images or remove it.")
+      for entry in entries:
+        stat = entry.stat()
+        fingerprint.update(f"{split}/{name}/{entry.name}\0{stat.st_size}\0"
+                           f"{stat.st_mtime_ns}\n".encode())
+        files.append((entry.path, label_of[name]))
+    if not files:
+      raise ValueError(f"Split folder {split_dir!r} has no images. {LAYOUT}")
+    return files
+
+  splits = {"train": list_split("train")}
+  for split in EVAL_FOLDERS:
+    if os.path.isdir(os.path.join(root, split)):
+      splits[split] = list_split(split)
+  eval_split = next((s for s in EVAL_FOLDERS if s in splits), HOLDOUT_SPLIT)
+  return FolderListing(root, class_names, holdout_fraction, splits, eval_split,
+                       tuple(ignored), fingerprint.hexdigest())
+
+
+def _hold_out(files: list[tuple[str, int]], fraction: float
+              ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+  """Per class, the last fraction × n files by name (rounded; at least 1, at most n − 1)."""
+  train, held_out = [], []
+  labels = np.asarray([label for _, label in files])
+  for label in np.unique(labels):
+    of_class = [files[i] for i in np.flatnonzero(labels == label)]  # sorted by name
+    count = min(max(1, int(fraction * len(of_class) + 0.5)), len(of_class) - 1)
+    count = count if fraction > 0 else 0
+    train += of_class[:len(of_class) - count]
+    held_out += of_class[len(of_class) - count:]
+  return train, held_out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+  path: str
+  short_side: int  # 0: unreadable
+  error: str
+
+
+def _check_image(path: str) -> _Checked:
+  """Decodes the file as training will; JPEGs at 1/8 scale (every byte is still parsed)."""
+  try:
+    encoded = tf.io.read_file(path)
+    if tf.io.is_jpeg(encoded):
+      height, width = tf.image.extract_jpeg_shape(encoded).numpy()[:2]
+      tf.image.decode_jpeg(encoded, channels=3, ratio=8)
+    else:
+      height, width = tf.io.decode_image(encoded, channels=3,
+                                         expand_animations=False).shape[:2]
+    return _Checked(path, int(min(height, width)), "")
+  except (tf.errors.OpError, ValueError) as e:
+    message = getattr(e, "message", str(e))  # TF's text, without the op's name and device
+    message = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", message).strip()
+    return _Checked(path, 0, message or type(e).__name__)
+
+
+def _short_side(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Graph version of `_check_image` for tf.data: fails (and is dropped) where that errs."""
+  encoded = tf.io.read_file(path)
+
+  def jpeg() -> tf.Tensor:
+    decoded = tf.image.decode_jpeg(encoded, channels=3, ratio=8)
+    shape = tf.image.extract_jpeg_shape(encoded)[:2]
+    return shape + 0 * tf.reduce_sum(tf.shape(decoded))  # keeps the decode in the graph
+
+  def other() -> tf.Tensor:
+    return tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False))[:2]
+
+  return path, tf.reduce_min(tf.cond(tf.io.is_jpeg(encoded), jpeg, other))
+
+
+def check_images(paths: list[str]) -> list[_Checked]:
+  """Decodes every file on tf.data's threads, with a progress bar; explains each failure."""
+  ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
+  ds = ds.map(_short_side, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.ignore_errors().prefetch(tf.data.AUTOTUNE)
+  readable = {}
+  with tqdm.tqdm(total=len(paths), desc="Checking images", unit="img", leave=False) as bar:
+    for path, short_side in ds.as_numpy_iterator():
+      readable[path.decode()] = _Checked(path.decode(), int(short_side), "")
+      bar.update(1)
+  return [readable.get(p) or _check_image(p) for p in paths]  # the eager check says why
+
+
+class FolderImages(tfds.core.GeneratorBasedBuilder):
+  """An image folder as a tfds dataset: one config per folder state (its fingerprint)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Encoded bytes copied as they are."}
+
+  def __init__(self, listing: FolderListing, readable: dict[str, list[tuple[str, int]]],
+               **kwargs):
+    slug = re.sub(r"[^a-z0-9]+", "_", os.path.basename(listing.root).lower()).strip("_")
+    config = tfds.core.BuilderConfig(name=f"{slug or 'folder'}_{listing.fingerprint[:16]}",
+                                     description=listing.root)
+    self._listing, self._readable = listing, readable
+    super().__init__(config=config, file_format="tfrecord", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        description=f"Images of {self._listing.root}",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(names=self._listing.class_names),
+            "file_name": tfds.features.Text(),
+        }),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # nothing to download
+    return {split: self._generate_examples(files) for split, files in self._readable.items()}
+
+  def _generate_examples(self, files: list[tuple[str, int]]) -> Iterator[tuple[str, dict]]:
+    root = self._listing.root
+    for path, label in files:
+      with open(path, "rb") as f:
+        yield path, {"image": f.read(), "label": label,
+                     "file_name": os.path.relpath(path, root)}
+
+
+def _builder(listing: FolderListing, readable: dict[str, list[tuple[str, int]]],
+             data_dir: str) -> FolderImages:
+  """The builder, without tfds' warning that its config is not one of BUILDER_CONFIGS."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    return FolderImages(listing, readable, data_dir=data_dir)
+  finally:
+    absl_logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _lock(path: str) -> Iterator[None]:
+  """Serialises preparation across processes (several on one host, or a shared disk)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_and_report(listing: FolderListing) -> tuple[dict[str, list[tuple[str, int]]], int]:
+  """The readable files by split and their median short side; warns about every other one."""
+  if listing.ignored_files:
+    logging.warning("Ignoring %d file(s) that are not images by extension (%s), e.g. %s",
+                    len(listing.ignored_files), " ".join(IMAGE_EXTENSIONS),
+                    listing.ignored_files[0])
+  all_files = [path for files in listing.splits.values() for path, _ in files]
+  checked = {c.path: c for c in check_images(all_files)}
+  bad = [c for c in checked.values() if c.error]
+  for c in bad:
+    logging.warning("Skipping unreadable image %s: %s", c.path, c.error)
+  if bad:
+    logging.warning("Skipped %d of %d image files in %s that could not be decoded (listed "
+                    "above).", len(bad), len(all_files), listing.root)
+  readable = {split: [(p, label) for p, label in files if not checked[p].error]
+              for split, files in listing.splits.items()}
+  if listing.eval_split == HOLDOUT_SPLIT:
+    readable["train"], readable[HOLDOUT_SPLIT] = _hold_out(readable["train"],
+                                                           listing.holdout_fraction)
+    if not readable[HOLDOUT_SPLIT]:
+      raise ValueError(
+          f"{listing.root!r} has no val/ or test/ folder and holdout_fraction="
+          f"{listing.holdout_fraction} holds out no image: set config.holdout_fraction "
+          "(e.g. 0.1) or add a val/ folder.")
+  for split, files in readable.items():
+    if not files:
+      raise ValueError(f"Split {split!r} of {listing.root!r} has no readable image; its "
+                       "files are all unreadable (see the warnings above).")
+  short_sides = [checked[p].short_side for p, _ in readable["train"]]
+  return readable, int(np.median(short_sides))
+
+
+def prepared_builder_dir(root: str, data_dir: str | None,
+                         holdout_fraction: float) -> tuple[str, FolderListing, dict]:
+  """Prepares the folder if its current state is not prepared yet; returns where it is.
+
+  Returns (builder_dir, listing, facts), facts being what preparing found
+  (`native_image_size`, `skipped_files`, `eval_split`).
+  """
+  listing = scan(root, holdout_fraction)
+  data_dir = os.path.expanduser(data_dir or str(tfds.core.constants.DATA_DIR))
+  probe = _builder(listing, {}, data_dir)
+  builder_dir = str(probe.data_path)
+  facts_path = os.path.join(builder_dir, FACTS_FILE)
+  with _lock(os.path.join(data_dir, probe.name, f"{probe.builder_config.name}.lock")):
+    if not os.path.exists(facts_path):
+      total = sum(len(files) for files in listing.splits.values())
+      logging.warning("Preparing image folder %s (%d files) into %s; this happens once for "
+                      "each state of the folder.", listing.root, total, builder_dir)
+      readable, native_size = _check_and_report(listing)
+      _builder(listing, readable, data_dir).download_and_prepare()
+      facts = {"root": listing.root, "native_image_size": native_size,
+               "eval_split": listing.eval_split,
+               "skipped_files": sorted({p for files in listing.splits.values() for p, _ in files}
+                                       - {p for files in readable.values() for p, _ in files})}
+      with open(facts_path + ".tmp", "w") as f:
+        json.dump(facts, f, indent=1)
+      os.replace(facts_path + ".tmp", facts_path)  # written last: marks the dataset complete
+  with open(facts_path) as f:
+    return builder_dir, listing, json.load(f)
