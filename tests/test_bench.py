@@ -13,7 +13,7 @@ import json
 import jax
 import pytest
 
-from resnet_jax.bench import compile_time, throughput
+from resnet_jax.bench import compile_time, input as input_bench, throughput
 from resnet_jax.data import fake
 from resnet_jax.models import create_model
 from resnet_jax.summary import summarize
@@ -104,3 +104,36 @@ def test_compile_time_prints_a_row_per_model(compile_time_run):
   _, printed = compile_time_run
   rows = [line for line in printed.splitlines() if line.startswith("resnet20 ")]
   assert len(rows) == 1
+
+
+def test_input_bench_times_the_pipeline_and_the_train_step_it_feeds(digits_data_dir, tmp_path):
+  record, printed = run_main(input_bench.main, [
+      "--dataset", "digits", "--data-dir", digits_data_dir, "--batch-size", "16",
+      "--batches", "3", "--warmup-batches", "1", "--train-step-model", "resnet20",
+      "--no-torchvision"], tmp_path / "input.json")
+  assert (record["dataset"], record["preset"], record["image_size"]) == ("digits", "translate", 8)
+  ours = record["ours"]
+  assert ours["images_per_sec"] > 0 and ours["first_batch_s"] > 0
+  assert ours["images_per_sec_per_core"] == pytest.approx(ours["images_per_sec"] /
+                                                          record["cores"])
+  assert record["ratio_to_train_step"] == pytest.approx(
+      ours["images_per_sec"] / record["train_step_images_per_sec"])
+  assert record["torchvision"] is None and "not run: --no-torchvision" in printed
+  assert "pipeline / train step consumption" in printed
+
+
+def test_input_bench_times_resumes_on_a_tiny_record_dataset(tmp_path):
+  record, printed = run_main(input_bench.main, [
+      "--dataset", "tiny:300", "--data-dir", str(tmp_path), "--batch-size", "8", "--batches",
+      "0", "--resume-at", "0,0.5,0.99", "--shuffle-buffer", "64"], tmp_path / "input.json")
+  assert record["train_examples"] == 300 and record["ours"] is None
+  assert set(record["resume_first_batch_s"]) == {"0", "0.5", "0.99"}
+  assert all(seconds > 0 for seconds in record["resume_first_batch_s"].values())
+  assert "resume at 0.99 epoch" in printed and "shuffle_buffer=64" in printed
+
+
+def test_input_bench_names_a_missing_dataset(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    input_bench.main(["--dataset", f"folder:{tmp_path}/none", "--data-dir", str(tmp_path)])
+  assert exit_info.value.code == 2
+  assert "does not exist" in capsys.readouterr().err

@@ -311,3 +311,17 @@ def test_every_colour_mode_decodes_to_rgb(mode):
       np.asarray(Image.fromarray(rgb).convert("L"))[..., None], 3, -1)
   tolerance = 8 if mode == "CMYK" else 1
   assert np.abs(decoded.astype(int) - expected).mean() < tolerance
+
+
+def test_unprepared_imagenet_says_which_tar_files_to_put_where(tmp_path):
+  with pytest.raises(ValueError) as error:
+    data.get_dataset_info("imagenet2012", str(tmp_path))
+  message = str(error.value)
+  for needed in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
+                 f"{tmp_path}/downloads/manual/", f"tfds build imagenet2012 --data_dir={tmp_path}"):
+    assert needed in message
+
+
+def test_unprepared_unknown_tfds_dataset_says_how_to_build_it(tmp_path):
+  with pytest.raises(ValueError, match=re.escape(f"tfds build imagenette --data_dir={tmp_path}")):
+    data.get_dataset_info("imagenette", str(tmp_path))

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from resnet_jax import data
+from resnet_jax.bench.photo_folder import write_photo_folder
 from resnet_jax.data import image_folder, tfds_pipeline
 
 CLASSES = ("cat", "dog", "eel")  # written in this order; labels follow the sorted names
@@ -308,6 +309,19 @@ def test_eval_counts_every_example_once(info, process_count, global_batch_size):
   assert eval_split_hashes(info, process_count, global_batch_size) == everything
 
 
+def test_a_folder_of_distinct_full_size_photos_gets_the_imagenet_preset(tmp_path):
+  write_photo_folder(str(tmp_path), num_classes=2, per_class=3)
+  paths = sorted(str(p) for p in tmp_path.glob("train/*/*.jpg"))
+  assert len(paths) == 6
+  assert len({hashlib.sha1(open(p, "rb").read()).hexdigest() for p in paths}) == 6
+  assert all(333 <= min(Image.open(p).size) <= 500 for p in paths)
+  info = data.get_dataset_info(f"folder:{tmp_path}", str(tmp_path / "tfds"))
+  assert (info.preprocessing, info.image_shape) == ("imagenet", (224, 224, 3))
+  batch = next(data.train_batches(info, global_batch_size=4, image_size=0, seed=0))
+  chex.assert_shape(batch["image"], (4, 224, 224, 3))
+  assert batch["image"].std() > 10  # real pixels, not padding
+
+
 # Training from a folder with the shipped configs.
 
 def run_train(config: str, dataset: str, workdir, data_dir: str, *overrides: str
@@ -321,7 +335,8 @@ def run_train(config: str, dataset: str, workdir, data_dir: str, *overrides: str
 
 def test_train_py_trains_on_an_image_folder_with_the_folder_config(folder, data_dir, tmp_path):
   result = run_train("configs/folder.py", f"folder:{folder}", tmp_path / "run", data_dir,
-                     "--config.num_train_steps=3", "--config.batch_size=8", "--config.image_size=32",
+                     "--config.num_train_steps=3", "--config.batch_size=8",
+                     "--config.image_size=32",
                      "--config.eval_every_steps=3", "--config.log_every_steps=1",
                      "--config.mixup_alpha=0.2", "--config.cutmix_alpha=1.0")
   assert result.returncode == 0, result.stderr[-3000:]

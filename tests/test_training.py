@@ -292,3 +292,13 @@ def test_replicated_state_round_trips_through_pmap_layout(config):
 def test_batch_not_divisible_by_devices_message_names_the_count():
   with pytest.raises(ValueError, match="choose a multiple of 8"):
     parallel.check_batch_divisible(20)
+
+
+def test_resume_warns_and_keeps_the_example_count_when_the_data_stream_changed(config, caplog):
+  exp = loop.setup(config)
+  saved = loop.data_position(exp, 10)
+  assert loop.resume_batch(exp, saved, 10) == 10
+  assert saved["dataset_version"].startswith("sklearn_digits/")
+  changed = {**saved, "dataset_version": "sklearn_digits/0.9.0", "global_batch_size": 16}
+  assert loop.resume_batch(exp, changed, 10) == 5  # 160 examples at the new batch of 32
+  assert "dataset_version: 'sklearn_digits/0.9.0'" in caplog.text

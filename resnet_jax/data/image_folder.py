@@ -5,10 +5,10 @@
 
 Classes are the sorted names of the train folders. Without val/ or test/, the last
 `holdout_fraction` of each class's files (sorted by name; at least one) are held out
-as the `holdout` split. Preparing copies every readable file's bytes as they are (no re-encoding) into a
-tfds dataset under `data_dir/folder_images/`, named by a fingerprint of the file list
-(paths, sizes, mtimes) and the hold-out, so a changed folder is prepared again and an
-unchanged one never is. Preparing is where each file is decoded once with the decoder
+as the `holdout` split. Preparing copies every readable file's bytes as they are (no
+re-encoding) into a tfds dataset under `data_dir/folder_images/`, named by a fingerprint
+of the file list (paths, sizes, mtimes) and the hold-out, so a changed folder is prepared
+again and an unchanged one never is. Preparing is where each file is decoded once with the decoder
 training uses: an unreadable file is skipped with a warning naming it and a count at the
 end, so nothing fails mid-epoch and nothing is dropped silently.
 """
@@ -214,14 +214,14 @@ class FolderImages(tfds.core.GeneratorBasedBuilder):
                      "file_name": os.path.relpath(path, root)}
 
 
-def _builder(listing: FolderListing, readable: dict[str, list[tuple[str, int]]],
-             data_dir: str) -> FolderImages:
-  """The builder, without tfds' warning that its config is not one of BUILDER_CONFIGS."""
+def quiet_builder(builder_class: type, *args, **kwargs) -> tfds.core.DatasetBuilder:
+  """A builder made with a config of its own, without tfds' warning that the config is not
+  one of its BUILDER_CONFIGS."""
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)
   try:
-    return FolderImages(listing, readable, data_dir=data_dir)
+    return builder_class(*args, **kwargs)
   finally:
     absl_logger.setLevel(level)
 
@@ -279,7 +279,7 @@ def prepared_builder_dir(root: str, data_dir: str | None,
   """
   listing = scan(root, holdout_fraction)
   data_dir = os.path.expanduser(data_dir or str(tfds.core.constants.DATA_DIR))
-  probe = _builder(listing, {}, data_dir)
+  probe = quiet_builder(FolderImages, listing, {}, data_dir=data_dir)
   builder_dir = str(probe.data_path)
   facts_path = os.path.join(builder_dir, FACTS_FILE)
   with _lock(os.path.join(data_dir, probe.name, f"{probe.builder_config.name}.lock")):
@@ -288,7 +288,7 @@ def prepared_builder_dir(root: str, data_dir: str | None,
       logging.warning("Preparing image folder %s (%d files) into %s; this happens once for "
                       "each state of the folder.", listing.root, total, builder_dir)
       readable, native_size = _check_and_report(listing)
-      _builder(listing, readable, data_dir).download_and_prepare()
+      quiet_builder(FolderImages, listing, readable, data_dir=data_dir).download_and_prepare()
       facts = {"root": listing.root, "native_image_size": native_size,
                "eval_split": listing.eval_split,
                "skipped_files": sorted({p for files in listing.splits.values() for p, _ in files}

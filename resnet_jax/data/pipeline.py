@@ -69,7 +69,8 @@ def train_batches(dataset: str | DatasetInfo, *, global_batch_size: int, image_s
   """Endless batches of this process's shard: `image` [local_batch, H, W, C], `label`.
 
   `start_batch=k` yields exactly batches k, k+1, ... of the stream that starts at 0.
-  `shuffle_buffer` (0: a whole epoch) bounds how many records are shuffled together;
+  `shuffle_buffer` bounds how many records are shuffled together (0: this process's
+  whole epoch if its encoded records fit in 1 GiB, else as many as do);
   `cache` keeps this process's encoded records in memory; `num_threads` (0: tf.data's
   autotuning) sizes the decoding thread pool. None of the three changes the batches
   except `shuffle_buffer`.

@@ -126,7 +126,9 @@ def _small(flip: bool) -> Preset:
 PRESETS = {
     "cifar": _small(flip=True),  # resize, pad image_size/8, random crop, flip
     "translate": _small(flip=False),  # the same without the flip (digits, text)
-    "imagenet": Preset(inception_crop_train, center_crop_eval),
+    "imagenet": Preset(  # inception crop, flip / resize to image_size / 0.875, centre crop
+        lambda e, s, seed, channels: inception_crop_train(e, s, seed, channels=channels),
+        lambda e, s, channels: center_crop_eval(e, s, channels=channels)),
 }
 
 

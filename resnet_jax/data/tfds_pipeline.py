@@ -2,12 +2,13 @@
 
 Every process reads only its own contiguous range of each split's records. Training
 reads that range as chunks of at most CHUNK_SIZE consecutive records. Epoch e permutes
-the chunks, groups consecutive ones until a group holds `shuffle_buffer` records, and
-shuffles each group's records with a stateless shuffle; every seed derives from (seed,
-e, process_index). Each example's augmentation is seeded by its position in the epoch.
-So train batch k is a pure function of the dataset, the config and k, and resuming at
-batch k reads at most one group (plus the chunk it starts in), wherever k falls in the
-epoch. Images stay encoded until after that skip.
+the chunks, groups consecutive ones until a group holds `shuffle_buffer` records (by
+default all of them, up to AUTO_SHUFFLE_BYTES of encoded records), and shuffles each
+group's records with a stateless shuffle; every seed derives from (seed, e,
+process_index). Each example's augmentation is seeded by its position in the epoch. So
+train batch k is a pure function of the dataset, the config and k, and resuming at batch
+k reads one group (fewer than shuffle_buffer + CHUNK_SIZE records), wherever k falls in
+the epoch. Images stay encoded until after that skip.
 
 This module, preprocessing.py, digits.py and image_folder.py are the ones that need
 TensorFlow.
@@ -32,6 +33,7 @@ from resnet_jax.data.pipeline import process_range
 
 Batch = dict[str, np.ndarray]
 CHUNK_SIZE = 1024  # records; the unit of the epoch's permutation
+AUTO_SHUFFLE_BYTES = 1 << 30  # shuffle_buffer=0: shuffle groups of up to 1 GiB of records
 EVAL_SPLITS = ("validation", "val", "test", image_folder.HOLDOUT_SPLIT)
 FOLDER_PREFIX = "folder:"
 
@@ -176,9 +178,15 @@ class _Chunks:
   counts: np.ndarray  # int64
   starts: np.ndarray  # int64, first record's index within this process's range
 
+  record_bytes: float  # mean size of a record in the split's files
+
   @property
   def num_records(self) -> int:
     return int(self.counts.sum())
+
+  def auto_shuffle_buffer(self) -> int:
+    """All records if they fit in AUTO_SHUFFLE_BYTES, else as many as do (≥ one chunk)."""
+    return max(CHUNK_SIZE, min(self.num_records, int(AUTO_SHUFFLE_BYTES / self.record_bytes)))
 
 
 def _chunks(info: DatasetInfo, split: str, process_index: int, process_count: int) -> _Chunks:
@@ -193,41 +201,67 @@ def _chunks(info: DatasetInfo, split: str, process_index: int, process_count: in
     file_begin += length
   files, offsets, counts, starts = zip(*rows) if rows else ((), (), (), ())
   return _Chunks(np.asarray(files, dtype=object), np.asarray(offsets, np.int64),
-                 np.asarray(counts, np.int64), np.asarray(starts, np.int64))
+                 np.asarray(counts, np.int64), np.asarray(starts, np.int64),
+                 record_bytes=split_info.num_bytes / max(split_info.num_examples, 1))
 
 
-def _read_file_chunk(file: tf.Tensor, offset: tf.Tensor, count: tf.Tensor) -> tf.data.Dataset:
+def _read_file_span(file: tf.Tensor, offset: tf.Tensor, count: tf.Tensor) -> tf.data.Dataset:
   return tf.data.TFRecordDataset(file).skip(offset).take(count)
+
+
+def _file_spans(files: np.ndarray, offsets: np.ndarray, counts: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Merges chunks that follow each other in a file into one span, to read it in one pass.
+
+  TFRecord files cannot seek by record: a span starting at record k skips k headers
+  first (for small records that reads through the bytes). Chunks of a whole-epoch group
+  merge into one span per file; the scattered chunks of a smaller group stay apart, so
+  nothing between them is held in memory. Returns the spans (files, offsets, counts), in
+  the files' first-appearance order, and for each chunk where its first record lands in
+  the concatenated spans.
+  """
+  file_rank = {file: rank for rank, file in reversed(list(enumerate(files)))}
+  order = sorted(range(len(files)), key=lambda i: (file_rank[files[i]], offsets[i]))
+  spans: list[list] = []
+  lands_at, position = np.zeros(len(files), np.int64), 0
+  for i in order:
+    if spans and spans[-1][0] == files[i] and spans[-1][1] + spans[-1][2] == offsets[i]:
+      spans[-1][2] += counts[i]
+    else:
+      spans.append([files[i], offsets[i], counts[i]])
+    lands_at[i] = position
+    position += counts[i]
+  return (np.asarray([f for f, _, _ in spans], dtype=str).reshape(-1),
+          np.asarray([o for _, o, _ in spans], np.int64),
+          np.asarray([c for _, _, c in spans], np.int64), lands_at)
+
+
+def _read_spans(files: tf.Tensor, offsets: tf.Tensor, counts: tf.Tensor) -> tf.Tensor:
+  """The records of the spans, concatenated: a string tensor [sum(counts)]."""
+  ds = tf.data.Dataset.from_tensor_slices((files, offsets, counts)).flat_map(_read_file_span)
+  return ds.batch(tf.maximum(tf.reduce_sum(counts), 1)).get_single_element()
 
 
 def _records_in_memory(chunks: _Chunks) -> tf.Tensor:
   """Every record of the chunks, in range order: a string tensor [num_records]."""
-  ds = tf.data.Dataset.from_tensor_slices((chunks.files.astype(str), chunks.offsets,
-                                           chunks.counts)).flat_map(_read_file_chunk)
-  return ds.batch(max(chunks.num_records, 1)).get_single_element()
+  files, offsets, counts, _ = _file_spans(chunks.files, chunks.offsets, chunks.counts)
+  return _read_spans(files, offsets, counts)  # in range order
 
 
-def _group_reader(chunks: _Chunks, cache: bool):
-  """(chunk indices) → their records, concatenated, from the files or from memory."""
+def _record_indices(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  return np.concatenate([np.arange(f, f + c) for f, c in zip(first, counts)])
+
+
+def _group_plan(chunks: _Chunks, indices: np.ndarray, cache: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """What a group reads: file spans (none from memory), and the indices of its records, in
+  chunk order, among the records read (or among the records in memory)."""
   if cache:
-    records = _records_in_memory(chunks)
-    starts, counts = tf.constant(chunks.starts), tf.constant(chunks.counts)
-
-    def read(indices: tf.Tensor) -> tf.Tensor:
-      first = tf.gather(starts, indices)
-      return tf.gather(records, tf.ragged.range(first, first + tf.gather(counts, indices))
-                       .flat_values)
-    return read
-
-  files, offsets = tf.constant(chunks.files.astype(str)), tf.constant(chunks.offsets)
-  counts = tf.constant(chunks.counts)
-
-  def read(indices: tf.Tensor) -> tf.Tensor:
-    ds = tf.data.Dataset.from_tensor_slices(
-        (tf.gather(files, indices), tf.gather(offsets, indices), tf.gather(counts, indices)))
-    total = tf.reduce_sum(tf.gather(counts, indices))
-    return ds.flat_map(_read_file_chunk).batch(total).get_single_element()
-  return read
+    return (np.zeros([0], str), np.zeros([0], np.int64), np.zeros([0], np.int64),
+            _record_indices(chunks.starts[indices], chunks.counts[indices]))
+  files, offsets, counts, lands_at = _file_spans(
+      chunks.files[indices], chunks.offsets[indices], chunks.counts[indices])
+  return files, offsets, counts, _record_indices(lands_at, chunks.counts[indices])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +330,7 @@ def train_batches(info: DatasetInfo, *, local_batch: int, batches_per_epoch: int
     raise ValueError(f"Process {process_index} has {chunks.num_records} training records, "
                      f"fewer than the {epoch_examples} of an epoch; use a smaller batch size.")
   first_epoch, first_batch = divmod(start_batch, batches_per_epoch)
-  read_group = _group_reader(chunks, cache)
+  records_in_memory = _records_in_memory(chunks) if cache else None
   parse = _records_dataset(_reader(info.builder_dir).info.features)
   preset = preprocessing.PRESETS[preprocessing_name]
   channels = info.image_shape[2]
@@ -304,14 +338,16 @@ def train_batches(info: DatasetInfo, *, local_batch: int, batches_per_epoch: int
   def groups() -> Iterator[tuple]:
     for epoch in itertools.count(first_epoch):
       for g in epoch_groups(chunks.counts, epoch=epoch, seed=seed, process_index=process_index,
-                            shuffle_buffer=shuffle_buffer or epoch_examples,
+                            shuffle_buffer=shuffle_buffer or chunks.auto_shuffle_buffer(),
                             epoch_examples=epoch_examples,
                             start_position=first_batch * local_batch * (epoch == first_epoch)):
-        yield (g.chunk_indices, g.shuffle_seed, g.begin, g.end, g.first_position,
-               g.augment_seed)
+        yield (*_group_plan(chunks, g.chunk_indices, cache), g.shuffle_seed, g.begin, g.end,
+               g.first_position, g.augment_seed)
 
-  def load(chunk_indices, shuffle_seed, begin, end, first_position, augment_seed):
-    records = tf.random.experimental.stateless_shuffle(read_group(chunk_indices), shuffle_seed)
+  def load(files, offsets, counts, take, shuffle_seed, begin, end, first_position,
+           augment_seed):
+    read = records_in_memory if cache else _read_spans(files, offsets, counts)
+    records = tf.random.experimental.stateless_shuffle(tf.gather(read, take), shuffle_seed)
     positions = tf.range(first_position, first_position + end - begin)
     return (records[begin:end], positions,
             tf.fill(tf.shape(positions), augment_seed))
@@ -327,11 +363,12 @@ def train_batches(info: DatasetInfo, *, local_batch: int, batches_per_epoch: int
             "label": example["label"]}
 
   scalar = tf.TensorSpec([], tf.int64)
+  vector = tf.TensorSpec([None], tf.int64)
   ds = tf.data.Dataset.from_generator(groups, output_signature=(
-      tf.TensorSpec([None], tf.int64), tf.TensorSpec([2], tf.int64), scalar, scalar, scalar,
-      scalar))
-  # Groups load (read + shuffle) in parallel with the one being consumed: no stall between.
-  ds = ds.map(load, num_parallel_calls=2, deterministic=True).prefetch(1).unbatch()
+      tf.TensorSpec([None], tf.string), vector, vector, vector, tf.TensorSpec([2], tf.int64),
+      scalar, scalar, scalar, scalar))
+  # The next group loads (read + shuffle) while this one is consumed: no stall between.
+  ds = ds.map(load).prefetch(1).unbatch()
   ds = ds.map(preprocess, num_parallel_calls=num_threads or tf.data.AUTOTUNE,
               deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -350,8 +387,8 @@ def eval_batches(info: DatasetInfo, *, local_batch: int, num_batches: int, image
     ds = tf.data.Dataset.from_tensor_slices(_records_in_memory(chunks)).take(
         chunks.num_records)
   else:
-    ds = tf.data.Dataset.from_tensor_slices(
-        (chunks.files.astype(str), chunks.offsets, chunks.counts)).flat_map(_read_file_chunk)
+    files, offsets, counts, _ = _file_spans(chunks.files, chunks.offsets, chunks.counts)
+    ds = tf.data.Dataset.from_tensor_slices((files, offsets, counts)).flat_map(_read_file_span)
 
   def preprocess(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     example = parse(serialized)

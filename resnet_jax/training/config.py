@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixup_alpha = 0.0  # > 0: mixup with Beta(alpha, alpha), on the device.
   c.cutmix_alpha = 0.0  # > 0: CutMix with Beta(alpha, alpha), on the device.
   c.mix_probability = 1.0  # of mixing a batch (with both on, mixup or CutMix at random).
-  c.shuffle_buffer = 0  # records shuffled together; 0: a whole epoch.
+  c.shuffle_buffer = 0  # records shuffled together; 0: the epoch, up to 1 GiB of records.
   c.cache = False  # keep this process's encoded records in memory (small datasets).
   c.data_threads = 0  # tf.data decoding threads; 0: autotuned.
   c.prefetch_batches = 2  # batches put on the devices ahead of the step.
@@ -114,7 +114,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.mixup_alpha >= 0, "mixup_alpha", "must be >= 0 (0 disables mixup)")
   check(config.cutmix_alpha >= 0, "cutmix_alpha", "must be >= 0 (0 disables CutMix)")
   check(0 <= config.mix_probability <= 1, "mix_probability", "must be in [0, 1]")
-  check(config.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0 (0: a whole epoch)")
+  check(config.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0 (0: the epoch, up to 1 GiB)")
   check(config.data_threads >= 0, "data_threads", "must be >= 0 (0: autotuned)")
   check(config.prefetch_batches >= 0, "prefetch_batches", "must be >= 0")
   check(config.batch_size > 0, "batch_size", "must be positive")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -127,7 +128,9 @@ def evaluate(exp: Experiment, state: TrainState) -> dict[str, float]:
 def data_position(exp: Experiment, step: int) -> dict[str, Any]:
   """The checkpointed position in the data stream: enough to continue it exactly."""
   c = exp.config
-  return {"dataset": c.dataset, "seed": c.seed, "global_batch_size": c.batch_size,
+  stored = exp.dataset.builder_dir.rstrip(os.sep).split(os.sep)
+  return {"dataset": c.dataset, "dataset_version": "/".join(stored[-2:]),  # name/version
+          "seed": c.seed, "global_batch_size": c.batch_size,
           "image_size": exp.image_size, "augment": c.augment,
           "preprocessing": exp.preprocessing, "shuffle_buffer": c.shuffle_buffer,
           "next_batch": step}
