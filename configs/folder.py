@@ -4,8 +4,8 @@ DIR/train/<class>/*.jpg (and optionally DIR/val/ or DIR/test/); without a val/ o
 folder, `holdout_fraction` of each class is held out for evaluation. The folder is checked
 and prepared once into `data_dir` (tfds' default when empty), again only when it changes.
 Preprocessing is chosen by image size: CIFAR-style for small images (≤ 64 px), Inception
-crops at 224 px for larger ones. ResNet-18 with SGD, cosine decay and label smoothing; for
-a few thousand photos start from pretrained weights instead (see the README).
+crops at 224 px for larger ones. ResNet-18 from scratch with SGD, cosine decay and label
+smoothing.
 """
 
 from resnet_jax.training.config import base_config
