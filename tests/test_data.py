@@ -1,7 +1,6 @@
 """Specification of the input pipelines, on the bundled digits dataset and fake data."""
 
 import collections
-import hashlib
 import io
 import itertools
 import re
@@ -15,6 +14,7 @@ from PIL import Image
 
 from resnet_jax import data
 from resnet_jax.data import device_ops, digits, preprocessing
+from batch_hashes import example_hashes
 
 
 @pytest.fixture
@@ -24,17 +24,6 @@ def data_dir(digits_data_dir: str) -> str:
 
 def take(iterator, start: int, stop: int) -> list[dict[str, np.ndarray]]:
   return list(itertools.islice(iterator, start, stop))
-
-
-def example_hashes(batches: list[dict[str, np.ndarray]]) -> collections.Counter:
-  """A multiset of (image, label) fingerprints of the real (unmasked) rows."""
-  hashes = collections.Counter()
-  for batch in batches:
-    mask = batch.get("mask", np.ones(len(batch["label"])))
-    for image, label, real in zip(batch["image"], batch["label"], mask):
-      if real:
-        hashes[hashlib.sha1(image.tobytes() + label.tobytes()).hexdigest()] += 1
-  return hashes
 
 
 def whole_train_split(data_dir: str) -> collections.Counter:
@@ -257,7 +246,7 @@ def test_translate_preset_never_flips():
   encoded = tf.io.encode_png(pixels)
   for i in range(16):
     view = preprocessing.PRESETS["translate"].train(encoded, 32, tf.constant([i, 1], tf.int64),
-                                                     3).numpy()
+                                                     channels=3).numpy()
     row = view[16].astype(int)[:, 0]
     inside = row[(row > 0)]
     assert np.all(np.diff(inside) > 0), i  # still increasing left to right

@@ -24,6 +24,7 @@ from PIL import Image
 from resnet_jax import data
 from resnet_jax.bench.photo_folder import write_photo_folder
 from resnet_jax.data import image_folder, tfds_pipeline
+from batch_hashes import example_hashes
 
 CLASSES = ("cat", "dog", "eel")  # written in this order; labels follow the sorted names
 FORMATS = ("jpeg", "png", "grey_png", "rgba_png", "palette_png", "cmyk_jpeg", "bmp", "gif",
@@ -101,16 +102,6 @@ def data_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def info(folder, data_dir) -> data.DatasetInfo:
   return data.get_dataset_info(f"folder:{folder}", data_dir)
-
-
-def example_hashes(batches) -> collections.Counter:
-  hashes = collections.Counter()
-  for batch in batches:
-    for image, label, real in zip(batch["image"], batch["label"],
-                                  batch.get("mask", np.ones(len(batch["label"])))):
-      if real:
-        hashes[hashlib.sha1(image.tobytes() + label.tobytes()).hexdigest()] += 1
-  return hashes
 
 
 def eval_split_hashes(info, process_count: int, global_batch_size: int) -> collections.Counter:

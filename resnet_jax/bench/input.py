@@ -176,7 +176,7 @@ def benchmark(dataset: str, *, batch_size: int, preset: str, image_size: int, ba
     info = tiny_records_info(dataset, data_dir)
   else:
     info = data.get_dataset_info(dataset, data_dir)
-  preset = info.preprocessing if preset == "auto" else preset
+  preset = data.resolve_preprocessing(info, preset)
   image_size = image_size or (info.image_shape[0] if preset != "imagenet" else 224)
   cores = available_cores()
 

@@ -60,9 +60,11 @@ def random_view(photo: np.ndarray, rng: np.random.Generator) -> Image.Image:
                       Image.Resampling.BILINEAR)
 
 
-def write_photo_folder(root: str, *, num_classes: int, per_class: int, seed: int = 0) -> int:
-  """Writes root/train/class_XX/NNNNN.jpg; returns the number of files written."""
-  photos = real_photos()
+def write_photo_folder(root: str, *, num_classes: int, per_class: int, seed: int = 0,
+                       photos: list[np.ndarray] | None = None) -> int:
+  """Writes root/train/class_XX/NNNNN.jpg from `photos` (default: `real_photos()`);
+  returns the number of files written."""
+  photos = real_photos() if photos is None else photos
   rng = np.random.default_rng(seed)
   with tqdm.tqdm(total=num_classes * per_class, desc="Writing photos", unit="img") as bar:
     for label in range(num_classes):
@@ -85,9 +87,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.classes < 1 or args.per_class < 2:
     parser.error("--classes must be >= 1 and --per-class >= 2")
+  photos = real_photos()
   count = write_photo_folder(args.root, num_classes=args.classes, per_class=args.per_class,
-                             seed=args.seed)
-  print(f"Wrote {count} JPEGs from {len(real_photos())} photos to {args.root}/train/")
+                             seed=args.seed, photos=photos)
+  print(f"Wrote {count} JPEGs from {len(photos)} photos to {args.root}/train/")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from resnet_jax.data.pipeline import (
     get_dataset_info,
     num_eval_batches,
     process_range,
+    resolve_preprocessing,
     steps_per_epoch,
     train_batches,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "get_dataset_info",
     "num_eval_batches",
     "process_range",
+    "resolve_preprocessing",
     "steps_per_epoch",
     "train_batches",
 ]

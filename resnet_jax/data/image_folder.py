@@ -133,25 +133,9 @@ class _Checked:
   error: str
 
 
-def _check_image(path: str) -> _Checked:
-  """Decodes the file as training will; JPEGs at 1/8 scale (every byte is still parsed)."""
-  try:
-    encoded = tf.io.read_file(path)
-    if tf.io.is_jpeg(encoded):
-      height, width = tf.image.extract_jpeg_shape(encoded).numpy()[:2]
-      tf.image.decode_jpeg(encoded, channels=3, ratio=8)
-    else:
-      height, width = tf.io.decode_image(encoded, channels=3,
-                                         expand_animations=False).shape[:2]
-    return _Checked(path, int(min(height, width)), "")
-  except (tf.errors.OpError, ValueError) as e:
-    message = getattr(e, "message", str(e))  # TF's text, without the op's name and device
-    message = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", message).strip()
-    return _Checked(path, 0, message or type(e).__name__)
-
-
 def _short_side(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """Graph version of `_check_image` for tf.data: fails (and is dropped) where that errs."""
+  """(path, short side), decoding as training will (JPEGs at 1/8 scale: every byte is still
+  parsed); raises where the file is unreadable."""
   encoded = tf.io.read_file(path)
 
   def jpeg() -> tf.Tensor:
@@ -163,6 +147,16 @@ def _short_side(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False))[:2]
 
   return path, tf.reduce_min(tf.cond(tf.io.is_jpeg(encoded), jpeg, other))
+
+
+def _check_image(path: str) -> _Checked:
+  """`_short_side` run eagerly on one file, to say why it fails."""
+  try:
+    return _Checked(path, int(_short_side(tf.constant(path))[1]), "")
+  except (tf.errors.OpError, ValueError) as e:
+    message = getattr(e, "message", str(e))  # TF's text, without the op's name and device
+    message = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", message).strip()
+    return _Checked(path, 0, message or type(e).__name__)
 
 
 def check_images(paths: list[str]) -> list[_Checked]:

@@ -39,7 +39,8 @@ def _resolve(dataset: str | DatasetInfo, data_dir: str | None) -> DatasetInfo:
   return dataset if isinstance(dataset, DatasetInfo) else get_dataset_info(dataset, data_dir)
 
 
-def _preset(info: DatasetInfo, preprocessing: str) -> str:
+def resolve_preprocessing(info: DatasetInfo, preprocessing: str) -> str:
+  """The preset `preprocessing` names for this dataset ("auto": the dataset's own)."""
   if preprocessing not in PRESETS:
     raise ValueError(f"preprocessing={preprocessing!r}: must be one of {', '.join(PRESETS)}")
   return info.preprocessing if preprocessing == "auto" else preprocessing
@@ -92,7 +93,7 @@ def train_batches(dataset: str | DatasetInfo, *, global_batch_size: int, image_s
   return tfds_pipeline.train_batches(
       info, local_batch=local_batch, batches_per_epoch=batches_per_epoch,
       image_size=image_size, seed=seed, start_batch=start_batch, augment=augment,
-      preprocessing_name=_preset(info, preprocessing), process_index=process_index,
+      preprocessing_name=resolve_preprocessing(info, preprocessing), process_index=process_index,
       process_count=process_count, shuffle_buffer=shuffle_buffer, cache=cache,
       num_threads=num_threads)
 
@@ -137,5 +138,5 @@ def eval_batches(dataset: str | DatasetInfo, *, global_batch_size: int, image_si
   from resnet_jax.data import tfds_pipeline
   return tfds_pipeline.eval_batches(
       info, local_batch=local_batch, num_batches=num_batches, image_size=image_size,
-      preprocessing_name=_preset(info, preprocessing), process_index=process_index,
+      preprocessing_name=resolve_preprocessing(info, preprocessing), process_index=process_index,
       process_count=process_count, cache=cache, num_threads=num_threads)

@@ -13,6 +13,7 @@ channels; images smaller than the crop are upscaled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -112,23 +113,19 @@ def center_crop_eval(encoded: tf.Tensor, image_size: int, *, channels: int = 3) 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  """A train view (encoded, image_size, seed) and an eval view (encoded, image_size)."""
+  """A train view (encoded, image_size, seed, *, channels) and an eval view (encoded,
+  image_size, *, channels)."""
   train: Callable[..., tf.Tensor]
   eval: Callable[..., tf.Tensor]
 
 
-def _small(flip: bool) -> Preset:
-  return Preset(lambda e, s, seed, channels: small_image_train(e, s, seed, channels=channels,
-                                                               flip=flip),
-                lambda e, s, channels: small_image_eval(e, s, channels=channels))
-
-
 PRESETS = {
-    "cifar": _small(flip=True),  # resize, pad image_size/8, random crop, flip
-    "translate": _small(flip=False),  # the same without the flip (digits, text)
-    "imagenet": Preset(  # inception crop, flip / resize to image_size / 0.875, centre crop
-        lambda e, s, seed, channels: inception_crop_train(e, s, seed, channels=channels),
-        lambda e, s, channels: center_crop_eval(e, s, channels=channels)),
+    # resize, pad image_size/8, random crop, flip
+    "cifar": Preset(functools.partial(small_image_train, flip=True), small_image_eval),
+    # the same without the flip (digits, text)
+    "translate": Preset(functools.partial(small_image_train, flip=False), small_image_eval),
+    # inception crop, flip / resize to image_size / 0.875, centre crop
+    "imagenet": Preset(inception_crop_train, center_crop_eval),
 }
 
 

@@ -21,7 +21,7 @@ import difflib
 import functools
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -172,17 +172,20 @@ def dataset_info(name: str, data_dir: str | None, holdout_fraction: float) -> Da
 
 @dataclasses.dataclass(frozen=True)
 class _Chunks:
-  """This process's records of a split as chunks: file, offset in it, count, index in range."""
+  """This process's records of a split as chunks, in range order: file, offset in it, count."""
   files: np.ndarray  # str
   offsets: np.ndarray  # int64
   counts: np.ndarray  # int64
-  starts: np.ndarray  # int64, first record's index within this process's range
-
   record_bytes: float  # mean size of a record in the split's files
 
   @property
   def num_records(self) -> int:
     return int(self.counts.sum())
+
+  @property
+  def starts(self) -> np.ndarray:
+    """Each chunk's first record's index within this process's range."""
+    return np.cumsum(self.counts) - self.counts
 
   def auto_shuffle_buffer(self) -> int:
     """All records if they fit in AUTO_SHUFFLE_BYTES, else as many as do (≥ one chunk)."""
@@ -196,12 +199,11 @@ def _chunks(info: DatasetInfo, split: str, process_index: int, process_count: in
   for path, length in zip(split_info.filepaths, split_info.shard_lengths):
     lo, hi = max(begin, file_begin), min(end, file_begin + length)
     for offset in range(lo, hi, CHUNK_SIZE):
-      rows.append((os.fspath(path), offset - file_begin, min(CHUNK_SIZE, hi - offset),
-                   offset - begin))
+      rows.append((os.fspath(path), offset - file_begin, min(CHUNK_SIZE, hi - offset)))
     file_begin += length
-  files, offsets, counts, starts = zip(*rows) if rows else ((), (), (), ())
+  files, offsets, counts = zip(*rows) if rows else ((), (), ())
   return _Chunks(np.asarray(files, dtype=object), np.asarray(offsets, np.int64),
-                 np.asarray(counts, np.int64), np.asarray(starts, np.int64),
+                 np.asarray(counts, np.int64),
                  record_bytes=split_info.num_bytes / max(split_info.num_examples, 1))
 
 
@@ -242,10 +244,13 @@ def _read_spans(files: tf.Tensor, offsets: tf.Tensor, counts: tf.Tensor) -> tf.T
   return ds.batch(tf.maximum(tf.reduce_sum(counts), 1)).get_single_element()
 
 
-def _records_in_memory(chunks: _Chunks) -> tf.Tensor:
-  """Every record of the chunks, in range order: a string tensor [num_records]."""
+@functools.lru_cache(maxsize=2)  # a train and an eval split: read once per process
+def _records_in_memory(info: DatasetInfo, split: str, process_index: int,
+                       process_count: int) -> tf.Tensor:
+  """Every record of this process's range of `split`, in order: a string tensor."""
+  chunks = _chunks(info, split, process_index, process_count)
   files, offsets, counts, _ = _file_spans(chunks.files, chunks.offsets, chunks.counts)
-  return _read_spans(files, offsets, counts)  # in range order
+  return _read_spans(files, offsets, counts)
 
 
 def _record_indices(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -303,7 +308,9 @@ def epoch_groups(counts: np.ndarray, *, epoch: int, seed: int, process_index: in
     position += size
 
 
-def _records_dataset(features: tfds.features.FeaturesDict) -> callable:
+def _example_parser(features: tfds.features.FeaturesDict
+                    ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+  """serialized record → {"image": still encoded, "label": int32}."""
   def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     example = features.deserialize_example(
         serialized, decoders={"image": tfds.decode.SkipDecoding()})
@@ -330,8 +337,9 @@ def train_batches(info: DatasetInfo, *, local_batch: int, batches_per_epoch: int
     raise ValueError(f"Process {process_index} has {chunks.num_records} training records, "
                      f"fewer than the {epoch_examples} of an epoch; use a smaller batch size.")
   first_epoch, first_batch = divmod(start_batch, batches_per_epoch)
-  records_in_memory = _records_in_memory(chunks) if cache else None
-  parse = _records_dataset(_reader(info.builder_dir).info.features)
+  records_in_memory = (_records_in_memory(info, info.train_split, process_index, process_count)
+                       if cache else None)
+  parse = _example_parser(_reader(info.builder_dir).info.features)
   preset = preprocessing.PRESETS[preprocessing_name]
   channels = info.image_shape[2]
 
@@ -356,9 +364,9 @@ def train_batches(info: DatasetInfo, *, local_batch: int, batches_per_epoch: int
     example = parse(serialized)
     if augment:
       image = preset.train(example["image"], image_size, tf.stack([augment_seed, position]),
-                           channels)
+                           channels=channels)
     else:
-      image = preset.eval(example["image"], image_size, channels)
+      image = preset.eval(example["image"], image_size, channels=channels)
     return {"image": tf.ensure_shape(image, [image_size, image_size, channels]),
             "label": example["label"]}
 
@@ -380,19 +388,19 @@ def eval_batches(info: DatasetInfo, *, local_batch: int, num_batches: int, image
                  cache: bool, num_threads: int) -> Iterator[Batch]:
   """One fixed-order pass over this process's eval range, padded to `num_batches` batches."""
   chunks = _chunks(info, info.eval_split, process_index, process_count)
-  parse = _records_dataset(_reader(info.builder_dir).info.features)
+  parse = _example_parser(_reader(info.builder_dir).info.features)
   preset = preprocessing.PRESETS[preprocessing_name]
   channels = info.image_shape[2]
   if cache:
-    ds = tf.data.Dataset.from_tensor_slices(_records_in_memory(chunks)).take(
-        chunks.num_records)
+    ds = tf.data.Dataset.from_tensor_slices(
+        _records_in_memory(info, info.eval_split, process_index, process_count))
   else:
     files, offsets, counts, _ = _file_spans(chunks.files, chunks.offsets, chunks.counts)
     ds = tf.data.Dataset.from_tensor_slices((files, offsets, counts)).flat_map(_read_file_span)
 
   def preprocess(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     example = parse(serialized)
-    image = preset.eval(example["image"], image_size, channels)
+    image = preset.eval(example["image"], image_size, channels=channels)
     return {"image": tf.ensure_shape(image, [image_size, image_size, channels]),
             "label": example["label"], "mask": tf.constant(1.0)}
 

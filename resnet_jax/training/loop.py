@@ -89,8 +89,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
   eval_step = functools.partial(steps.eval_step, inputs=inputs)
   return Experiment(
       config=config, dataset=info, image_size=image_size,
-      preprocessing=(info.preprocessing if config.preprocessing == "auto"
-                     else config.preprocessing),
+      preprocessing=data.resolve_preprocessing(info, config.preprocessing),
       model=model,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
       eval_every_steps=config.eval_every_steps or steps_per_epoch,
