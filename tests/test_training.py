@@ -228,7 +228,7 @@ def test_checkpoints_keep_the_latest_k_plus_the_best(tmp_path):
   state = create_train_state(jax.random.PRNGKey(0), create_model("resnet20", in_channels=1),
                              optax.sgd(0.1), (8, 8, 1))
   for step, accuracy in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7), (5, 0.65)]:
-    checkpointing.save(manager, state.replace(step=jnp.asarray(step)), {"next_batch": step},
+    checkpointing.save(manager, state.replace(step=jnp.asarray(step)), {"next_batch": step}, {},
                        metrics={"eval/accuracy": accuracy})
     manager.wait_until_finished()
   assert manager.all_steps() == [2, 4, 5]
@@ -239,7 +239,7 @@ def test_corrupt_checkpoint_gives_an_error_naming_it(tmp_path):
   manager = checkpointing.make_checkpoint_manager(str(tmp_path), 2, "eval/accuracy")
   model = create_model("resnet20", width=4, stage_sizes=(1, 1, 1))
   state = create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (8, 8, 3))
-  checkpointing.save(manager, state.replace(step=jnp.asarray(4)), {"next_batch": 4})
+  checkpointing.save(manager, state.replace(step=jnp.asarray(4)), {"next_batch": 4}, {})
   manager.wait_until_finished()
   for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "state"):
     for name in files:

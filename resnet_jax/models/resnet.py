@@ -44,6 +44,7 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   zero_init_residual: bool = False
+  freeze_batch_stats: bool = False  # BatchNorm uses its running statistics even in training.
   axis_name: str | None = None  # pmap axis to sync BatchNorm statistics over.
   in_channels: int = 3
   dtype: Any = jnp.float32  # compute dtype.
@@ -70,7 +71,7 @@ class ResNet(nn.Module):
     if self.stem not in STEMS:
       raise ValueError(f"stem={self.stem!r}: must be one of {STEMS}")
     conv = make_conv(self.dtype, self.param_dtype)
-    norm = make_norm(self.norm, train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+    norm = make_norm(self.norm, train=train and not self.freeze_batch_stats, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                      axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
     preactivation = self.block_cls.preactivation
 

@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state and the position in the data stream.
 
-A checkpoint holds two items: `state` (the TrainState's arrays, one replicated copy, so it
-restores under any parallelism mode or device count) and `data` (JSON: what the input
-pipeline needs to continue exactly where it stopped). Writes are asynchronous and
+A checkpoint holds three items: `state` (the TrainState's arrays, one replicated copy, so
+it restores under any parallelism mode or device count), `data` (JSON: what the input
+pipeline needs to continue exactly where it stopped) and `model` (JSON: the
+`pretrained.ModelInfo` that lets prediction, export and fine-tuning start from it). Writes are asynchronous and
 collective: every process calls `save`, orbax coordinates who writes what.
 """
 
@@ -31,7 +32,7 @@ def make_checkpoint_manager(workdir: str, keep: int, best_metric: str) -> ocp.Ch
   options = ocp.CheckpointManagerOptions(preservation_policy=preservation,
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, item_names=("state", "data"))
+                               options=options, item_names=("state", "data", "model"))
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
@@ -40,11 +41,12 @@ def _arrays(state: TrainState) -> dict[str, Any]:
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, data_position: dict[str, Any],
-         metrics: dict[str, float] | None = None) -> None:
+         model_info: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
   """Starts an asynchronous save of `state` (replicated layout) at its step."""
   step = int(jax.device_get(state.step))
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_arrays(state)),
-                                             data=ocp.args.JsonSave(data_position)),
+                                             data=ocp.args.JsonSave(data_position),
+                                             model=ocp.args.JsonSave(model_info)),
                metrics=metrics, force=True)
 
 

@@ -28,6 +28,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.drop_path_rate = 0.0
   c.dtype = "float32"  # compute dtype; params and BatchNorm statistics stay float32.
 
+  # Fine-tuning (from a workdir, a checkpoint, or the output of resnet_jax.convert).
+  c.init_from = ""  # start from these weights (a checkpoint in the workdir still wins).
+  c.replace_head = False  # a new fc for this dataset's classes instead of the loaded one.
+  c.freeze_backbone = False  # train only fc.
+  c.backbone_learning_rate_scale = 1.0  # everything but fc learns at this × learning_rate.
+  c.freeze_batch_stats = False  # BatchNorm in eval mode while training (small batches).
+
   # Data.
   c.dataset = "digits"  # "digits", "fake", "folder:PATH", or a tfds name ("cifar10", ...)
   c.data_dir = ""  # "": tfds' default data dir (folders are prepared into it too).
@@ -87,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.best_checkpoint_metric = "eval/accuracy"
   c.progress_bar = True
+  c.linear_probe_dataset = ""  # a dataset name: few-shot linear probes at every evaluation.
+  c.linear_probe_shots = (1, 5, 10, 25)  # training examples per class for those probes.
   return c
 
 
@@ -134,3 +143,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.log_every_steps > 0, "log_every_steps", "must be positive")
   check(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
   check(config.loss_scale_init > 0, "loss_scale_init", "must be positive")
+  check(not config.replace_head or config.init_from, "replace_head",
+        "needs config.init_from (the weights whose head it replaces)")
+  check(all(k >= 1 for k in config.linear_probe_shots), "linear_probe_shots",
+        "every shot count must be >= 1")
+  check(config.backbone_learning_rate_scale >= 0, "backbone_learning_rate_scale",
+        "must be >= 0")
+  check(not (config.freeze_backbone and config.backbone_learning_rate_scale != 1.0),
+        "backbone_learning_rate_scale", "conflicts with config.freeze_backbone=True; set one")

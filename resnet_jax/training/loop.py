@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax import data
+from resnet_jax import data, linear_probe, pretrained
 from resnet_jax.data.device_ops import InputTransform
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.training import checkpointing, optimizers, parallel, reporting, steps
@@ -45,6 +45,7 @@ class Experiment:
   train_step: Callable  # the pure step (what data_parallel compiles), for tools and tests
   data_parallel: parallel.DataParallel
   initial_state: TrainState  # replicated layout, not yet put on devices
+  probe_dataset: data.DatasetInfo | None  # for few-shot linear probes at each evaluation
 
 
 def setup(config: ml_collections.ConfigDict) -> Experiment:
@@ -55,14 +56,24 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
   parallel.check_batch_divisible(config.batch_size)
   parallel.check_batch_divisible(config.eval_batch_size or config.batch_size, "eval_batch_size")
   image_size = config.image_size or info.image_shape[0]
+  init_weights = load_init_weights(config)
   model = create_model(
       config.model, num_classes=config.num_classes or info.num_classes,
       in_channels=info.image_shape[2], dtype=DTYPES[config.dtype],
       axis_name=parallel.model_axis_name(config.parallelism),
-      zero_init_residual=config.zero_init_residual, drop_path_rate=config.drop_path_rate)
+      zero_init_residual=config.zero_init_residual, drop_path_rate=config.drop_path_rate,
+      freeze_batch_stats=config.freeze_batch_stats)
   if image_size < model.min_image_size:
     raise ValueError(f"config.image_size={image_size} is too small for {config.model}: it "
                      f"needs at least {model.min_image_size} pixels per side")
+
+  probe_dataset = None
+  if config.linear_probe_dataset:
+    probe_dataset = data.get_dataset_info(config.linear_probe_dataset, config.data_dir or None)
+    if probe_dataset.image_shape[2] != info.image_shape[2]:
+      raise ValueError(f"config.linear_probe_dataset={config.linear_probe_dataset!r} has "
+                       f"{probe_dataset.image_shape[2]}-channel images but {config.dataset} "
+                       f"has {info.image_shape[2]}")
 
   steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
   if steps_per_epoch == 0:
@@ -79,6 +90,8 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
       jax.random.PRNGKey(config.seed), model, tx, (image_size, image_size, info.image_shape[2]),
       use_ema=config.ema_decay > 0,
       loss_scale=config.loss_scale_init if config.dtype == "float16" else None)
+  if init_weights is not None:
+    state = start_from(init_weights, state, config.replace_head)
 
   inputs = InputTransform(
       mean=info.mean, std=info.std, dtype=DTYPES[config.dtype], mixup_alpha=config.mixup_alpha,
@@ -96,7 +109,43 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
       checkpoint_every_steps=config.checkpoint_every_steps or steps_per_epoch,
       train_step=train_step,
       data_parallel=parallel.make_data_parallel(config.parallelism, train_step, eval_step),
-      initial_state=jax.device_put(state, parallel.replicated_sharding()))
+      initial_state=jax.device_put(state, parallel.replicated_sharding()),
+      probe_dataset=probe_dataset)
+
+
+def load_init_weights(config: ml_collections.ConfigDict) -> pretrained.Pretrained | None:
+  """The weights `config.init_from` names (None without it), checked to be `config.model`'s."""
+  if not config.init_from:
+    return None
+  weights = pretrained.load(config.init_from)
+  if weights.info.model != config.model:
+    raise ValueError(f"config.init_from={config.init_from!r} holds {weights.info.model} weights "
+                     f"but config.model={config.model!r}; set config.model="
+                     f"{weights.info.model!r} or start from {config.model} weights")
+  return weights
+
+
+def start_from(weights: pretrained.Pretrained, state: TrainState,
+               replace_head: bool) -> TrainState:
+  """`state` with `weights` (and a fresh head with `replace_head`); raises if they don't fit."""
+  variables = pretrained.merge(state.variables, weights.variables, replace_head=replace_head,
+                               source=weights.path)
+  params = variables["params"]
+  logging.info("Starting from the %s weights in %s%s", weights.info.model, weights.path,
+               " with a new head" if replace_head else "")
+  return state.replace(
+      params=params, batch_stats=variables["batch_stats"], opt_state=state.tx.init(params),
+      ema_params=None if state.ema_params is None else jax.tree.map(np.copy, params))
+
+
+def model_info(exp: Experiment) -> pretrained.ModelInfo:
+  """What a checkpoint of this run holds: model, classes and the input it expects."""
+  return pretrained.ModelInfo(
+      model=exp.config.model, num_classes=exp.model.num_classes,
+      in_channels=exp.model.in_channels, image_size=exp.image_size,
+      preprocessing=exp.preprocessing, mean=tuple(exp.dataset.mean),
+      std=tuple(exp.dataset.std), class_names=tuple(exp.dataset.class_names),
+      source=exp.config.dataset)
 
 
 def train_batches(exp: Experiment, start_batch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -121,7 +170,13 @@ def evaluate(exp: Experiment, state: TrainState) -> dict[str, float]:
   sums = [dp.eval_step(state, batch)
           for batch in parallel.prefetch_to_devices(batches, dp.put_batch, c.prefetch_batches)]
   total = jax.tree.map(lambda *xs: sum(float(x) for x in xs), *sums)
-  return steps.summarize_eval(total)
+  metrics = steps.summarize_eval(total)
+  if exp.probe_dataset is not None:  # every process probes the whole dataset, on its own
+    variables = jax.tree.map(parallel.local_copy, dp.get_state(state).eval_variables)
+    metrics.update(linear_probe.probe(
+        exp.model, variables, exp.probe_dataset, image_size=exp.image_size,
+        shots=c.linear_probe_shots, batch_size=c.eval_batch_size or c.batch_size))
+  return metrics
 
 
 def data_position(exp: Experiment, step: int) -> dict[str, Any]:
@@ -169,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main_process:
       print(message, flush=True)
 
+  info = model_info(exp).to_json()
   writer = reporting.MetricsWriter(workdir, enabled=is_main_process, resume_step=start_step)
   dp = exp.data_parallel
   state = dp.put_state(state)
@@ -213,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"top-5 {eval_metrics['eval/top5_accuracy']:.2%}")
       interval_eval_seconds += time.perf_counter() - eval_start  # not training throughput
     if step % exp.checkpoint_every_steps == 0 or is_last:
-      checkpointing.save(manager, dp.get_state(state), data_position(exp, step),
+      checkpointing.save(manager, dp.get_state(state), data_position(exp, step), info,
                          metrics=eval_metrics if evaluated else None)
 
   progress.close()

@@ -102,14 +102,36 @@ def _base_optimizer(config: ml_collections.ConfigDict,
                    f"{', '.join(config_lib.OPTIMIZERS)}")
 
 
+def head_or_backbone(params: Any) -> Any:
+  """Labels every parameter "head" (the classifier, fc) or "backbone" (everything else)."""
+  return {name: jax.tree.map(lambda _, n=name: "head" if n == "fc" else "backbone", sub)
+          for name, sub in params.items()}
+
+
+def _fine_tuning_optimizer(config: ml_collections.ConfigDict,
+                           learning_rate: optax.Schedule) -> optax.GradientTransformation:
+  """The optimizer for the head; the backbone's is frozen or runs at a scaled learning rate."""
+  head = _base_optimizer(config, learning_rate)
+  if not config.freeze_backbone and config.backbone_learning_rate_scale == 1.0:
+    return head
+  if config.freeze_backbone:
+    backbone = optax.set_to_zero()
+  else:
+    scale = config.backbone_learning_rate_scale
+    backbone = _base_optimizer(config, lambda step: scale * learning_rate(step))
+  return optax.multi_transform({"head": head, "backbone": backbone}, head_or_backbone)
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate_schedule: optax.Schedule) -> optax.GradientTransformation:
   """Clipping, then the optimizer, wrapped in gradient accumulation when asked to.
 
   `weight_decay_mode` applies to sgd and adamw; lars and lamb use their own weight decay
-  (lars adds it before the trust ratio, lamb after the Adam statistics).
+  (lars adds it before the trust ratio, lamb after the Adam statistics). With
+  `freeze_backbone` or `backbone_learning_rate_scale`, the backbone's updates are zero or
+  scaled (weight decay included) and its optimizer state is its own.
   """
-  tx = _base_optimizer(config, learning_rate_schedule)
+  tx = _fine_tuning_optimizer(config, learning_rate_schedule)
   if config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   if config.grad_accum_steps > 1:

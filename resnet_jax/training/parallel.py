@@ -52,7 +52,7 @@ def check_batch_divisible(global_batch_size: int, what: str = "batch_size") -> N
         f"{jax.device_count()}")
 
 
-def _local_copy(x: Any) -> Any:
+def local_copy(x: Any) -> Any:
   """One host-local copy of a replicated array (fully addressable or not)."""
   return x.addressable_data(0) if isinstance(x, jax.Array) else x
 
@@ -65,7 +65,7 @@ def make_pmap(train_step: Callable, eval_step: Callable) -> DataParallel:
 
   def put_state(state):
     def replicate(x):
-      x = np.asarray(_local_copy(x))
+      x = np.asarray(local_copy(x))
       return jax.device_put(np.broadcast_to(x, (len(devices), *x.shape)), per_device)
     return jax.tree.map(replicate, state)
 

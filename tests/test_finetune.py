@@ -1,0 +1,241 @@
+"""Fine-tuning and linear probes: weights from any checkpoint, new heads, frozen parts, probes."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from resnet_jax import create_model, linear_probe, pretrained
+from resnet_jax.training import loop, optimizers
+from resnet_jax.training.config import base_config, validate_config
+from short_run import short_digits_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def digit_folder(root, digits, per_class, val_per_class=0):
+  """An image folder of real 8×8 handwritten digits as grey PNGs (scikit-learn's set)."""
+  from sklearn.datasets import load_digits
+  images, labels = load_digits(return_X_y=True)
+  for digit in digits:
+    of_digit = images[labels == digit].reshape(-1, 8, 8) * (255 / 16)
+    for split, chosen in (("train", of_digit[:per_class]),
+                          ("val", of_digit[per_class:per_class + val_per_class])):
+      if not len(chosen):
+        continue
+      folder = os.path.join(root, split, f"digit_{digit}")
+      os.makedirs(folder, exist_ok=True)
+      for i, pixels in enumerate(chosen):
+        Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i:03d}.png"))
+  return str(root)
+
+
+def folder_config(folder, data_dir, steps=4):
+  c = base_config()
+  c.model, c.dataset, c.data_dir = "resnet20", f"folder:{folder}", data_dir
+  c.batch_size, c.num_train_steps, c.schedule = 16, steps, "constant"
+  c.learning_rate, c.progress_bar, c.log_every_steps = 0.05, False, 2
+  return c
+
+
+def without_head(variables):
+  return {kind: {name: v for name, v in tree.items() if name != "fc"}
+          for kind, tree in variables.items()}
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+  """A 4-step ResNet-20 run on digits 0-4: (workdir, tfds data dir)."""
+  root = tmp_path_factory.mktemp("finetune")
+  folder = digit_folder(root / "source", range(5), per_class=20)
+  data_dir = str(root / "tfds")
+  workdir = str(root / "pretrain")
+  loop.train_and_evaluate(folder_config(folder, data_dir), workdir)
+  return workdir, data_dir, root
+
+
+def test_a_checkpoint_records_its_model_and_loads_from_workdir_or_step(pretrained_run):
+  workdir, _, _ = pretrained_run
+  weights = pretrained.load(workdir)
+  assert weights.path == os.path.join(workdir, "checkpoints", "4")
+  assert weights.info.model == "resnet20" and weights.info.num_classes == 5
+  assert weights.info.class_names == tuple(f"digit_{d}" for d in range(5))
+  assert weights.info.in_channels == 3 and weights.info.image_size == 8  # folders are RGB
+  same = pretrained.load(weights.path)
+  chex.assert_trees_all_equal(weights.variables, same.variables)
+
+
+def test_saved_weights_round_trip_and_refuse_to_overwrite(tmp_path, pretrained_run):
+  weights = pretrained.load(pretrained_run[0])
+  out = str(tmp_path / "weights")
+  pretrained.save(out, weights.variables, weights.info)
+  loaded = pretrained.load(out)
+  chex.assert_trees_all_equal(loaded.variables, weights.variables)
+  assert loaded.info == weights.info
+  with pytest.raises(ValueError, match="already exists"):
+    pretrained.save(out, weights.variables, weights.info)
+
+
+def test_weights_that_do_not_fit_their_model_are_not_saved(tmp_path, pretrained_run):
+  weights = pretrained.load(pretrained_run[0])
+  wrong = pretrained.ModelInfo(model="resnet32", num_classes=5)
+  with pytest.raises(ValueError, match=r"do not fit resnet32(.|\n)*missing params/layer1_3"):
+    pretrained.save(str(tmp_path / "w"), weights.variables, wrong)
+
+
+def test_load_names_what_is_missing(tmp_path):
+  with pytest.raises(ValueError, match="no such directory"):
+    pretrained.load(str(tmp_path / "nowhere"))
+  with pytest.raises(ValueError, match="holds no checkpoint"):
+    pretrained.load(str(tmp_path))
+
+
+def test_fine_tuning_starts_from_the_weights_with_a_new_head(pretrained_run):
+  """The miniature transfer experiment: digits 0-4 → a new head for digits 5-9."""
+  workdir, data_dir, root = pretrained_run
+  target = digit_folder(root / "target", range(5, 10), per_class=16, val_per_class=8)
+  config = folder_config(target, data_dir)
+  config.init_from, config.replace_head = workdir, True
+  config.backbone_learning_rate_scale = 0.1
+  exp = loop.setup(config)
+  source = pretrained.load(workdir).variables
+  start = jax.device_get(exp.initial_state.variables)
+  chex.assert_trees_all_equal(without_head(start), without_head(source))
+  assert not np.array_equal(start["params"]["fc"]["kernel"], source["params"]["fc"]["kernel"])
+
+  metrics = loop.train_and_evaluate(config, str(root / "finetune"))
+  assert np.isfinite(metrics["eval/loss"])
+  tuned = pretrained.load(str(root / "finetune"))
+  assert tuned.info.class_names == tuple(f"digit_{d}" for d in range(5, 10))
+  probe = linear_probe.probe(tuned.info.create_model(), tuned.variables,
+                             exp.dataset, image_size=8, shots=(1, 5), num_seeds=2)
+  assert set(probe) == {"probe/1shot_accuracy", "probe/5shot_accuracy"}
+  assert all(0 <= v <= 1 for v in probe.values())
+
+
+def test_init_from_another_architecture_names_both(pretrained_run, digits_data_dir):
+  config = short_digits_config(digits_data_dir)
+  workdir = pretrained_run[0]
+  config.model, config.init_from = "resnet32", workdir
+  with pytest.raises(ValueError, match="holds resnet20 weights but config.model='resnet32'"):
+    loop.setup(config)
+
+
+def test_a_head_of_another_class_count_needs_replace_head(pretrained_run, digits_data_dir):
+  config = short_digits_config(digits_data_dir)  # 10 classes; the checkpoint has 5
+  workdir = pretrained_run[0]
+  config.init_from = workdir
+  with pytest.raises(ValueError, match="has 5 classes but this run has 10; set "
+                                       "config.replace_head=True"):
+    loop.setup(config)
+
+
+def test_replace_head_without_init_from_is_a_config_error():
+  config = base_config()
+  config.replace_head = True
+  with pytest.raises(ValueError, match="config.replace_head=True: needs config.init_from"):
+    validate_config(config)
+
+
+def test_merge_lists_every_variable_that_does_not_fit():
+  template = pretrained.variable_shapes(create_model("resnet20", num_classes=10))
+  template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+  loaded = jax.tree.map(np.copy, template)
+  del loaded["params"]["layer1_0"]["conv1"]
+  loaded["params"]["conv1"]["kernel"] = np.zeros((3, 3, 1, 16), np.float32)
+  loaded["params"]["extra"] = {"kernel": np.zeros(2, np.float32)}
+  with pytest.raises(ValueError) as error:
+    pretrained.merge(template, loaded, replace_head=False, source="ckpt")
+  message = str(error.value)
+  for part in ("missing params/layer1_0/conv1/kernel", "unexpected params/extra/kernel",
+               "mis-shaped params/conv1/kernel: expected (3, 3, 3, 16), got (3, 3, 1, 16)"):
+    assert part in message
+
+
+def sgd_step_updates(**overrides):
+  """One plain-SGD update of a small ResNet's params, with the fine-tuning options given."""
+  c = base_config()
+  c.momentum, c.weight_decay = 0.0, 0.0
+  c.update(overrides)
+  model = create_model("resnet20", stage_sizes=(1, 1, 1), width=4, num_classes=3)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
+  tx = optimizers.create_optimizer(c, optax.constant_schedule(0.1))
+
+  @jax.jit
+  def update(params):
+    grads = jax.tree.map(jnp.ones_like, params)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  return update(params)
+
+
+def test_freeze_backbone_updates_only_the_head():
+  updates = sgd_step_updates(freeze_backbone=True)
+  head, backbone = updates.pop("fc"), updates
+  chex.assert_trees_all_close(head, jax.tree.map(lambda u: jnp.full_like(u, -0.1), head))
+  assert all(not np.any(u) for u in jax.tree.leaves(backbone))
+
+
+def test_backbone_learning_rate_scale_scales_only_the_backbone():
+  full = sgd_step_updates()
+  scaled = sgd_step_updates(backbone_learning_rate_scale=0.25)
+  chex.assert_trees_all_close(scaled.pop("fc"), full.pop("fc"))
+  chex.assert_trees_all_close(scaled, jax.tree.map(lambda u: 0.25 * u, full))
+
+
+def test_freeze_batch_stats_trains_with_the_running_statistics():
+  model = create_model("resnet20", stage_sizes=(1, 1, 1), width=4, freeze_batch_stats=True)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  variables["batch_stats"] = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])
+  train_out, updated = jax.jit(functools.partial(model.apply, train=True,
+                                                 mutable=["batch_stats"]))(variables, x)
+  chex.assert_trees_all_equal(updated["batch_stats"], variables["batch_stats"])
+  chex.assert_trees_all_close(train_out, jax.jit(model.apply)(variables, x), atol=1e-6)
+
+
+def test_ridge_probe_separates_separable_features():
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(4, 16)) * 5
+  labels = np.repeat(np.arange(4), 30)
+  features = centres[labels] + rng.normal(size=(120, 16))
+  train = linear_probe.Features(features[::2], labels[::2])
+  test = linear_probe.Features(features[1::2], labels[1::2])
+  accuracies = linear_probe.few_shot_accuracies(train, test, 4, shots=(1, 5, 15))
+  assert accuracies[15] == 1.0 and accuracies[5] >= 0.95
+  with pytest.raises(ValueError, match="smallest class's 15 training examples"):
+    linear_probe.few_shot_accuracies(train, test, 4, shots=(16,))
+
+
+def test_linear_probe_command_prints_the_few_shot_accuracies(pretrained_run):
+  workdir, data_dir, root = pretrained_run
+  target = digit_folder(root / "probe", range(5, 10), per_class=6, val_per_class=4)
+  result = subprocess.run(
+      [sys.executable, "-m", "resnet_jax.linear_probe", "--checkpoint", workdir,
+       "--dataset", f"folder:{target}", "--data_dir", data_dir, "--shots", "1,5",
+       "--num_seeds", "2"], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  accuracies = json.loads(result.stdout.strip().splitlines()[-1])
+  assert set(accuracies) == {"probe/1shot_accuracy", "probe/5shot_accuracy"}
+  with pytest.raises(SystemExit, match=r"error: shots=\(7,\)"):
+    linear_probe.main(["--checkpoint", workdir, "--dataset", f"folder:{target}",
+                       "--data_dir", data_dir, "--shots", "7"])
+
+
+def test_linear_probes_are_logged_during_training_when_asked(pretrained_run, tmp_path):
+  _, data_dir, root = pretrained_run
+  config = folder_config(str(root / "source"), data_dir, steps=2)
+  config.linear_probe_dataset, config.linear_probe_shots = f"folder:{root / 'source'}", (1, 3)
+  loop.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    evals = [r for r in map(json.loads, f) if "eval/loss" in r]
+  assert {"probe/1shot_accuracy", "probe/3shot_accuracy"} <= set(evals[-1])
