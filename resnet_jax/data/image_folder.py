@@ -127,7 +127,7 @@ def _hold_out(files: list[tuple[str, int]], fraction: float
 
 
 @dataclasses.dataclass(frozen=True)
-class _Checked:
+class CheckedImage:
   path: str
   short_side: int  # 0: unreadable
   error: str
@@ -149,17 +149,17 @@ def _short_side(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   return path, tf.reduce_min(tf.cond(tf.io.is_jpeg(encoded), jpeg, other))
 
 
-def _check_image(path: str) -> _Checked:
+def check_image(path: str) -> CheckedImage:
   """`_short_side` run eagerly on one file, to say why it fails."""
   try:
-    return _Checked(path, int(_short_side(tf.constant(path))[1]), "")
+    return CheckedImage(path, int(_short_side(tf.constant(path))[1]), "")
   except (tf.errors.OpError, ValueError) as e:
     message = getattr(e, "message", str(e))  # TF's text, without the op's name and device
     message = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", message).strip()
-    return _Checked(path, 0, message or type(e).__name__)
+    return CheckedImage(path, 0, message or type(e).__name__)
 
 
-def check_images(paths: list[str]) -> list[_Checked]:
+def check_images(paths: list[str]) -> list[CheckedImage]:
   """Decodes every file on tf.data's threads, with a progress bar; explains each failure."""
   ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
   ds = ds.map(_short_side, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
@@ -167,9 +167,9 @@ def check_images(paths: list[str]) -> list[_Checked]:
   readable = {}
   with tqdm.tqdm(total=len(paths), desc="Checking images", unit="img", leave=False) as bar:
     for path, short_side in ds.as_numpy_iterator():
-      readable[path.decode()] = _Checked(path.decode(), int(short_side), "")
+      readable[path.decode()] = CheckedImage(path.decode(), int(short_side), "")
       bar.update(1)
-  return [readable.get(p) or _check_image(p) for p in paths]  # the eager check says why
+  return [readable.get(p) or check_image(p) for p in paths]  # the eager check says why
 
 
 class FolderImages(tfds.core.GeneratorBasedBuilder):
