@@ -74,15 +74,20 @@ def test_a_checkpoint_records_its_model_and_loads_from_workdir_or_step(pretraine
   chex.assert_trees_all_equal(weights.variables, same.variables)
 
 
-def test_saved_weights_round_trip_and_refuse_to_overwrite(tmp_path, pretrained_run):
-  weights = pretrained.load(pretrained_run[0])
-  out = str(tmp_path / "weights")
+def test_saved_weights_round_trip_and_training_starts_from_them(tmp_path, pretrained_run):
+  workdir, data_dir, root = pretrained_run
+  weights = pretrained.load(workdir)
+  out = str(tmp_path / "weights")  # the layout resnet_jax.convert writes
   pretrained.save(out, weights.variables, weights.info)
   loaded = pretrained.load(out)
   chex.assert_trees_all_equal(loaded.variables, weights.variables)
   assert loaded.info == weights.info
   with pytest.raises(ValueError, match="already exists"):
     pretrained.save(out, weights.variables, weights.info)
+  config = folder_config(str(root / "source"), data_dir)
+  config.init_from = out
+  start = jax.device_get(loop.setup(config).initial_state.variables)
+  chex.assert_trees_all_equal(start, weights.variables)
 
 
 def test_weights_that_do_not_fit_their_model_are_not_saved(tmp_path, pretrained_run):
