@@ -1,6 +1,9 @@
-"""The short training run that tests share (in-process and in worker subprocesses)."""
+"""The short training runs that tests share (in-process and in worker subprocesses)."""
+
+import os
 
 import ml_collections
+import numpy as np
 
 from resnet_jax.training.config import base_config
 
@@ -17,4 +20,31 @@ def short_digits_config(data_dir: str) -> ml_collections.ConfigDict:
   c.learning_rate = 0.05
   c.log_every_steps = 2
   c.progress_bar = False
+  return c
+
+
+def digit_folder(root: str, digits, per_class: int, val_per_class: int = 0) -> str:
+  """An image folder of real 8×8 handwritten digits as grey PNGs (scikit-learn's set)."""
+  from PIL import Image
+  from sklearn.datasets import load_digits
+  images, labels = load_digits(return_X_y=True)
+  for digit in digits:
+    of_digit = images[labels == digit].reshape(-1, 8, 8) * (255 / 16)
+    for split, chosen in (("train", of_digit[:per_class]),
+                          ("val", of_digit[per_class:per_class + val_per_class])):
+      if not len(chosen):
+        continue
+      folder = os.path.join(root, split, f"digit_{digit}")
+      os.makedirs(folder, exist_ok=True)
+      for i, pixels in enumerate(chosen):
+        Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i:03d}.png"))
+  return str(root)
+
+
+def short_folder_config(folder: str, data_dir: str, steps: int = 4) -> ml_collections.ConfigDict:
+  """`steps` steps of ResNet-20 on an image folder, 16 per global batch, constant lr."""
+  c = base_config()
+  c.model, c.dataset, c.data_dir = "resnet20", f"folder:{folder}", data_dir
+  c.batch_size, c.num_train_steps, c.schedule = 16, steps, "constant"
+  c.learning_rate, c.progress_bar, c.log_every_steps = 0.05, False, 2
   return c

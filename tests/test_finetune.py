@@ -12,39 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from PIL import Image
 
 from resnet_jax import create_model, linear_probe, pretrained
 from resnet_jax.training import loop, optimizers
 from resnet_jax.training.config import base_config, validate_config
-from short_run import short_digits_config
+from short_run import digit_folder, short_digits_config, short_folder_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def digit_folder(root, digits, per_class, val_per_class=0):
-  """An image folder of real 8×8 handwritten digits as grey PNGs (scikit-learn's set)."""
-  from sklearn.datasets import load_digits
-  images, labels = load_digits(return_X_y=True)
-  for digit in digits:
-    of_digit = images[labels == digit].reshape(-1, 8, 8) * (255 / 16)
-    for split, chosen in (("train", of_digit[:per_class]),
-                          ("val", of_digit[per_class:per_class + val_per_class])):
-      if not len(chosen):
-        continue
-      folder = os.path.join(root, split, f"digit_{digit}")
-      os.makedirs(folder, exist_ok=True)
-      for i, pixels in enumerate(chosen):
-        Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i:03d}.png"))
-  return str(root)
-
-
-def folder_config(folder, data_dir, steps=4):
-  c = base_config()
-  c.model, c.dataset, c.data_dir = "resnet20", f"folder:{folder}", data_dir
-  c.batch_size, c.num_train_steps, c.schedule = 16, steps, "constant"
-  c.learning_rate, c.progress_bar, c.log_every_steps = 0.05, False, 2
-  return c
 
 
 def without_head(variables):
@@ -52,19 +26,8 @@ def without_head(variables):
           for kind, tree in variables.items()}
 
 
-@pytest.fixture(scope="module")
-def pretrained_run(tmp_path_factory):
-  """A 4-step ResNet-20 run on digits 0-4: (workdir, tfds data dir)."""
-  root = tmp_path_factory.mktemp("finetune")
-  folder = digit_folder(root / "source", range(5), per_class=20)
-  data_dir = str(root / "tfds")
-  workdir = str(root / "pretrain")
-  loop.train_and_evaluate(folder_config(folder, data_dir), workdir)
-  return workdir, data_dir, root
-
-
-def test_a_checkpoint_records_its_model_and_loads_from_workdir_or_step(pretrained_run):
-  workdir, _, _ = pretrained_run
+def test_a_checkpoint_records_its_model_and_loads_from_workdir_or_step(trained_folder_run):
+  workdir, _, _ = trained_folder_run
   weights = pretrained.load(workdir)
   assert weights.path == os.path.join(workdir, "checkpoints", "4")
   assert weights.info.model == "resnet20" and weights.info.num_classes == 5
@@ -74,8 +37,8 @@ def test_a_checkpoint_records_its_model_and_loads_from_workdir_or_step(pretraine
   chex.assert_trees_all_equal(weights.variables, same.variables)
 
 
-def test_saved_weights_round_trip_and_training_starts_from_them(tmp_path, pretrained_run):
-  workdir, data_dir, root = pretrained_run
+def test_saved_weights_round_trip_and_training_starts_from_them(tmp_path, trained_folder_run):
+  workdir, data_dir, root = trained_folder_run
   weights = pretrained.load(workdir)
   out = str(tmp_path / "weights")  # the layout resnet_jax.convert writes
   pretrained.save(out, weights.variables, weights.info)
@@ -84,14 +47,14 @@ def test_saved_weights_round_trip_and_training_starts_from_them(tmp_path, pretra
   assert loaded.info == weights.info
   with pytest.raises(ValueError, match="already exists"):
     pretrained.save(out, weights.variables, weights.info)
-  config = folder_config(str(root / "source"), data_dir)
+  config = short_folder_config(os.path.join(root, "source"), data_dir)
   config.init_from = out
   start = jax.device_get(loop.setup(config).initial_state.variables)
   chex.assert_trees_all_equal(start, weights.variables)
 
 
-def test_weights_that_do_not_fit_their_model_are_not_saved(tmp_path, pretrained_run):
-  weights = pretrained.load(pretrained_run[0])
+def test_weights_that_do_not_fit_their_model_are_not_saved(tmp_path, trained_folder_run):
+  weights = pretrained.load(trained_folder_run[0])
   wrong = pretrained.ModelInfo(model="resnet32", num_classes=5)
   with pytest.raises(ValueError, match=r"do not fit resnet32(.|\n)*missing params/layer1_3"):
     pretrained.save(str(tmp_path / "w"), weights.variables, wrong)
@@ -104,22 +67,27 @@ def test_load_names_what_is_missing(tmp_path):
     pretrained.load(str(tmp_path))
 
 
-def test_fine_tuning_starts_from_the_weights_with_a_new_head(pretrained_run):
+def test_fine_tuning_starts_from_the_weights_with_a_new_head(trained_folder_run):
   """The miniature transfer experiment: digits 0-4 → a new head for digits 5-9."""
-  workdir, data_dir, root = pretrained_run
-  target = digit_folder(root / "target", range(5, 10), per_class=16, val_per_class=8)
-  config = folder_config(target, data_dir)
+  workdir, data_dir, root = trained_folder_run
+  target = digit_folder(os.path.join(root, "target"), range(5, 10), per_class=16,
+                        val_per_class=8)
+  config = short_folder_config(target, data_dir)
   config.init_from, config.replace_head = workdir, True
   config.backbone_learning_rate_scale = 0.1
+  config.linear_probe_dataset, config.linear_probe_shots = f"folder:{target}", (1, 3)
   exp = loop.setup(config)
   source = pretrained.load(workdir).variables
   start = jax.device_get(exp.initial_state.variables)
   chex.assert_trees_all_equal(without_head(start), without_head(source))
   assert not np.array_equal(start["params"]["fc"]["kernel"], source["params"]["fc"]["kernel"])
 
-  metrics = loop.train_and_evaluate(config, str(root / "finetune"))
+  metrics = loop.train_and_evaluate(config, os.path.join(root, "finetune"))
   assert np.isfinite(metrics["eval/loss"])
-  tuned = pretrained.load(str(root / "finetune"))
+  with open(os.path.join(root, "finetune", "metrics.jsonl")) as f:
+    logged = [r for r in map(json.loads, f) if "eval/loss" in r][-1]
+  assert {"probe/1shot_accuracy", "probe/3shot_accuracy"} <= set(logged)
+  tuned = pretrained.load(os.path.join(root, "finetune"))
   assert tuned.info.class_names == tuple(f"digit_{d}" for d in range(5, 10))
   probe = linear_probe.probe(tuned.info.create_model(), tuned.variables,
                              exp.dataset, image_size=8, shots=(1, 5), num_seeds=2)
@@ -127,17 +95,17 @@ def test_fine_tuning_starts_from_the_weights_with_a_new_head(pretrained_run):
   assert all(0 <= v <= 1 for v in probe.values())
 
 
-def test_init_from_another_architecture_names_both(pretrained_run, digits_data_dir):
+def test_init_from_another_architecture_names_both(trained_folder_run, digits_data_dir):
   config = short_digits_config(digits_data_dir)
-  workdir = pretrained_run[0]
+  workdir = trained_folder_run[0]
   config.model, config.init_from = "resnet32", workdir
   with pytest.raises(ValueError, match="holds resnet20 weights but config.model='resnet32'"):
     loop.setup(config)
 
 
-def test_a_head_of_another_class_count_needs_replace_head(pretrained_run, digits_data_dir):
+def test_a_head_of_another_class_count_needs_replace_head(trained_folder_run, digits_data_dir):
   config = short_digits_config(digits_data_dir)  # 10 classes; the checkpoint has 5
-  workdir = pretrained_run[0]
+  workdir = trained_folder_run[0]
   config.init_from = workdir
   with pytest.raises(ValueError, match="has 5 classes but this run has 10; set "
                                        "config.replace_head=True"):
@@ -221,9 +189,10 @@ def test_ridge_probe_separates_separable_features():
     linear_probe.few_shot_accuracies(train, test, 4, shots=(16,))
 
 
-def test_linear_probe_command_prints_the_few_shot_accuracies(pretrained_run):
-  workdir, data_dir, root = pretrained_run
-  target = digit_folder(root / "probe", range(5, 10), per_class=6, val_per_class=4)
+def test_linear_probe_command_prints_the_few_shot_accuracies(trained_folder_run):
+  workdir, data_dir, root = trained_folder_run
+  target = digit_folder(os.path.join(root, "probe"), range(5, 10), per_class=6,
+                        val_per_class=4)
   result = subprocess.run(
       [sys.executable, "-m", "resnet_jax.linear_probe", "--checkpoint", workdir,
        "--dataset", f"folder:{target}", "--data_dir", data_dir, "--shots", "1,5",
@@ -234,13 +203,3 @@ def test_linear_probe_command_prints_the_few_shot_accuracies(pretrained_run):
   with pytest.raises(SystemExit, match=r"error: shots=\(7,\)"):
     linear_probe.main(["--checkpoint", workdir, "--dataset", f"folder:{target}",
                        "--data_dir", data_dir, "--shots", "7"])
-
-
-def test_linear_probes_are_logged_during_training_when_asked(pretrained_run, tmp_path):
-  _, data_dir, root = pretrained_run
-  config = folder_config(str(root / "source"), data_dir, steps=2)
-  config.linear_probe_dataset, config.linear_probe_shots = f"folder:{root / 'source'}", (1, 3)
-  loop.train_and_evaluate(config, str(tmp_path))
-  with open(tmp_path / "metrics.jsonl") as f:
-    evals = [r for r in map(json.loads, f) if "eval/loss" in r]
-  assert {"probe/1shot_accuracy", "probe/3shot_accuracy"} <= set(evals[-1])
