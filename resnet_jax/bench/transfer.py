@@ -6,7 +6,8 @@
 1. Folders (symlinks into --cifar_dir/train): `pretrain/` has every image of classes 0-4
    (airplane … deer; 10% held out for its validation); `target/train/` the first 100 images
    (by file name) of each of classes 5-9 (dog … truck), `target/val/` their last 500.
-2. Pre-train ResNet-20 on `pretrain/` (configs/cifar10_folder.py, shortened schedule).
+2. Pre-train ResNet-20 on `pretrain/` (configs/cifar10_folder.py, shortened schedule:
+   2,000 steps by default, lr ÷10 at 50% and 75%).
 3. With the same step budget and recipe on `target/` (configs/finetune_folder.py at
    ResNet-20, lr 0.01): fine-tune from the pre-trained weights (`init_from`, `replace_head`;
    backbone at 0.1× and at 1× the head's lr), and train from scratch (no `init_from`, all
@@ -101,11 +102,17 @@ def target_config(folder: str, data_dir: str, steps: int, *, init_from: str = ""
   return c
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, float], float]:
-  """Final eval metrics and wall seconds (0 when the workdir had finished already)."""
+def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, float],
+                                                                     float | None]:
+  """Final eval metrics and wall seconds (None when the workdir had finished already)."""
+  finished = os.path.isdir(os.path.join(workdir, "checkpoints", str(config.num_train_steps)))
   start = time.perf_counter()
   metrics = loop.train_and_evaluate(config, workdir)
-  return metrics, time.perf_counter() - start
+  return metrics, None if finished else time.perf_counter() - start
+
+
+def _minutes(seconds: float | None) -> str:
+  return "earlier run" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def _accuracy_curve(workdir: str) -> tuple[list[int], list[float]]:
@@ -136,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--cifar_dir", required=True, help="the folder holding train/<class>/")
   parser.add_argument("--workdir", default="runs/transfer")
-  parser.add_argument("--pretrain_steps", type=int, default=800)
+  parser.add_argument("--pretrain_steps", type=int, default=2000)
   parser.add_argument("--target_steps", type=int, default=200)
   parser.add_argument("--probe_seeds", type=int, default=5)
   args = parser.parse_args(argv)
@@ -147,23 +154,23 @@ def main(argv: Sequence[str] | None = None) -> None:
   pretrain_dir = os.path.join(workdir, "pretrain")
   pre_metrics, pre_seconds = _train(
       pretrain_config(pretrain_folder, data_dir, args.pretrain_steps), pretrain_dir)
+  lr = finetune_folder.get_config().learning_rate
   runs = {
-      "fine-tuned from classes 0-4": target_config(target_folder, data_dir, args.target_steps,
-                                                   init_from=pretrain_dir),
-      "fine-tuned, backbone at the head's lr": target_config(
+      "fine-tuned, backbone at 0.1× the head's lr": target_config(
+          target_folder, data_dir, args.target_steps, init_from=pretrain_dir),
+      "fine-tuned, whole network at the head's lr": target_config(
           target_folder, data_dir, args.target_steps, init_from=pretrain_dir,
           backbone_learning_rate_scale=1.0),
-      "from scratch": target_config(target_folder, data_dir, args.target_steps),
+      f"from scratch, lr {lr:g}": target_config(target_folder, data_dir, args.target_steps),
+      f"from scratch, lr {10 * lr:g}": target_config(target_folder, data_dir, args.target_steps,
+                                                    learning_rate=10 * lr),
   }
-  scratch_lr = runs["from scratch"].learning_rate * 10
-  runs[f"from scratch, lr {scratch_lr:g}"] = target_config(
-      target_folder, data_dir, args.target_steps, learning_rate=scratch_lr)
   run_dirs = {label: os.path.join(workdir, f"target_{i}") for i, label in enumerate(runs)}
   results = {label: _train(config, run_dirs[label]) for label, config in runs.items()}
 
   target_info = data.get_dataset_info(f"folder:{target_folder}", data_dir)
   weights = pretrained.load(pretrain_dir)
-  fresh = loop.setup(runs["from scratch"]).initial_state
+  fresh = loop.setup(runs[f"from scratch, lr {lr:g}"]).initial_state
   probes = {
       "pre-trained backbone": weights.variables,
       "backbone at initialisation": jax.device_get(fresh.variables),
@@ -174,13 +181,12 @@ def main(argv: Sequence[str] | None = None) -> None:
       for label, variables in probes.items()}
 
   lines = [f"Pre-training on classes 0-4 ({args.pretrain_steps} steps of 128): validation "
-           f"accuracy {pre_metrics['eval/accuracy']:.2%}" +
-           (f" ({pre_seconds / 60:.1f} min)" if pre_seconds > 60 else ""), "",
+           f"accuracy {pre_metrics['eval/accuracy']:.2%} ({_minutes(pre_seconds)})", "",
            f"| ResNet-20 on classes 5-9, 500 images, {args.target_steps} steps of 100 | "
            "val accuracy | val loss | wall |", "|---|---|---|---|"]
   for label, (metrics, seconds) in results.items():
     lines.append(f"| {label} | {metrics['eval/accuracy']:.2%} | {metrics['eval/loss']:.3f} | "
-                 f"{seconds / 60:.1f} min |")
+                 f"{_minutes(seconds)} |")
   shots = linear_probe.DEFAULT_SHOTS
   lines += ["", "| few-shot linear probe on classes 5-9 | " +
             " | ".join(f"{k}-shot" for k in shots) + " |", "|---" * (len(shots) + 1) + "|"]
