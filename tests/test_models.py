@@ -181,6 +181,34 @@ def test_option_a_shortcut_has_no_parameters_and_option_b_projects():
   assert set(option_b["params"]["layer2_0"]["downsample"]) == {"conv", "bn"}
 
 
+PLAIN_NETS = {"plain20": "resnet20", "plain32": "resnet32", "plain44": "resnet44",
+              "plain56": "resnet56", "plain110": "resnet110", "plain18": "resnet18",
+              "plain34": "resnet34"}
+
+
+@pytest.mark.parametrize("plain,resnet", sorted(PLAIN_NETS.items()))
+def test_plain_net_has_no_shortcut_and_the_option_a_resnets_parameter_count(plain, resnet):
+  plain_model = resnet_jax.create_model(plain)
+  plain_variables = abstract_variables(plain_model, plain_model.min_image_size)
+  option_a = abstract_variables(resnet_jax.create_model(resnet, shortcut="zero_pad"),
+                                plain_model.min_image_size)
+  assert "downsample" not in str(jax.tree_util.tree_structure(plain_variables))
+  assert count(plain_variables["params"]) == count(option_a["params"])
+  assert count(plain_variables["batch_stats"]) == count(option_a["batch_stats"])
+
+
+def test_plain_block_has_no_skip_path():
+  # With its last BatchNorm scale at zero the branch outputs 0: a residual block then
+  # returns relu(x), a plain block 0.
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  norm = make_norm("batch", train=False, momentum=0.9, epsilon=1e-5, axis_name=None,
+                   dtype=jnp.float32, param_dtype=jnp.float32)
+  conv = make_conv(jnp.float32, jnp.float32)
+  for kind, expected in (("zero_pad", jax.nn.relu(x)), ("none", jnp.zeros_like(x))):
+    block = BasicBlock(16, conv, norm, shortcut=kind, zero_init_residual=True)
+    chex.assert_trees_all_close(block.apply(block.init(jax.random.key(1), x), x), expected)
+
+
 def test_resnet_d_uses_deep_stem_and_avgpool_shortcut():
   model = resnet_jax.create_model("resnet50d", width=8)
   shapes = capture_output_shapes(model, jnp.ones((1, 32, 32, 3)))

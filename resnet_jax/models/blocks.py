@@ -71,7 +71,10 @@ class ResidualBlock(nn.Module):
                         name="se")(y)
     return drop_path(self, y, self.drop_path_rate, train)
 
-  def make_shortcut(self, x: Array, preactivation: bool = False) -> Array:
+  def make_shortcut(self, x: Array, preactivation: bool = False) -> Array | float:
+    """The skip path's output; 0 for a plain network (shortcut="none"): no skip at all."""
+    if self.shortcut == "none":
+      return 0.0
     # Pre-activation blocks project the already-normalised input, with no norm of their own.
     norm = None if preactivation else self.norm
     return Shortcut(self.shortcut, self.out_features, self.strides, self.conv, norm,

@@ -109,7 +109,8 @@ class Shortcut(nn.Module):
     elif self.kind == "projection":
       x = self.conv(self.features, (1, 1), strides=self.strides, name="conv")(x)
     else:
-      raise ValueError(f"shortcut={self.kind!r}: must be 'projection', 'avgpool' or 'zero_pad'")
+      raise ValueError(f"shortcut={self.kind!r}: must be 'projection', 'avgpool', 'zero_pad' "
+                       "or 'none'")
     if self.norm is not None:
       x = self.norm(self.features, "bn")(x)
     return x

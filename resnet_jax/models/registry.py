@@ -1,7 +1,8 @@
 """Named models: `create_model("resnet50", num_classes=10)` and `list_models()`.
 
 Names follow torchvision where it has the model; the CIFAR nets are those of He et al.
-(2015, section 4.2): 6n+2 layers, widths 16/32/64, shortcut option A.
+(2015, section 4.2): 6n+2 layers, widths 16/32/64, shortcut option A. The plain nets of
+that paper (sections 4.1 and 4.2) are the same layers with no shortcut at all.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ def _imagenet(depth: int, preact: bool = False, **kwargs: Any) -> dict[str, Any]
   return dict(stage_sizes=_DEPTHS[depth], block_cls=basic if depth < 50 else bottleneck, **kwargs)
 
 
-def _cifar(n: int) -> dict[str, Any]:
+def _cifar(n: int, shortcut: str = "zero_pad") -> dict[str, Any]:
   return dict(stage_sizes=(n, n, n), block_cls=BasicBlock, stem="cifar", width=16,
-              shortcut="zero_pad", num_classes=10)
+              shortcut=shortcut, num_classes=10)
 
 
 _MODELS: dict[str, dict[str, Any]] = {
@@ -38,6 +39,8 @@ _MODELS: dict[str, dict[str, Any]] = {
     "resnet50d": _imagenet(50, stem="deep", shortcut="avgpool"),
     **{f"preact_resnet{d}": _imagenet(d, preact=True) for d in (18, 34, 50, 101, 152)},
     **{f"resnet{6 * n + 2}": _cifar(n) for n in (3, 5, 7, 9, 18, 200)},
+    **{f"plain{6 * n + 2}": _cifar(n, shortcut="none") for n in (3, 5, 7, 9, 18)},
+    **{f"plain{d}": _imagenet(d, shortcut="none") for d in (18, 34)},
 }
 
 

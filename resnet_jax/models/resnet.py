@@ -34,7 +34,8 @@ class ResNet(nn.Module):
   width: int = 64
   # "imagenet": 7×7/2 conv + max-pool; "deep": three 3×3 convs (ResNet-C/D); "cifar": one 3×3.
   stem: str = "imagenet"
-  shortcut: str = "projection"  # or "avgpool" (ResNet-D) or "zero_pad" (option A).
+  # or "avgpool" (ResNet-D), "zero_pad" (option A), "none" (a plain network: no skip).
+  shortcut: str = "projection"
   stride_in_1x1: bool = False
   groups: int = 1
   width_per_group: int = 64
