@@ -53,7 +53,7 @@ def extract_features(model: ResNet, variables: dict[str, Any], info: data.Datase
     info = dataclasses.replace(info, eval_split=info.train_split,
                                num_eval_examples=info.num_train_examples)
   inputs = InputTransform(mean=info.mean, std=info.std, dtype=model.dtype)
-  host_variables = jax.tree.map(np.asarray, variables)
+  device_variables = jax.device_put(variables)  # once, not with every batch
 
   @jax.jit
   def features(variables, images):
@@ -64,7 +64,7 @@ def extract_features(model: ResNet, variables: dict[str, Any], info: data.Datase
   for batch in data.eval_batches(info, global_batch_size=batch_size, image_size=image_size,
                                  preprocessing=preprocessing):
     real = batch["mask"] > 0
-    chunks.append(np.asarray(features(host_variables, batch["image"]))[real])
+    chunks.append(np.asarray(features(device_variables, batch["image"]))[real])
     labels.append(batch["label"][real])
   return Features(np.concatenate(chunks), np.concatenate(labels).astype(np.int64))
 
