@@ -28,12 +28,15 @@ def digits_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def trained_folder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
   """(workdir, tfds data dir, root): 4 steps of ResNet-20 on a folder of digits 0-4, once
-  per session; fine-tuning, probes and predict start from its checkpoint."""
+  per session, with gradient norms logged; fine-tuning, probes, predict and the analysis
+  tools start from its checkpoint."""
   from resnet_jax.training import loop
   from short_run import digit_folder, short_folder_config
 
   root = str(tmp_path_factory.mktemp("folder_run"))
   folder = digit_folder(os.path.join(root, "source"), range(5), per_class=20)
   data_dir, workdir = os.path.join(root, "tfds"), os.path.join(root, "pretrain")
-  loop.train_and_evaluate(short_folder_config(folder, data_dir), workdir)
+  config = short_folder_config(folder, data_dir)
+  config.log_grad_norms = True
+  loop.train_and_evaluate(config, workdir)
   return workdir, data_dir, root

@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Logging, evaluation and checkpoints.
   c.log_every_steps = 50
+  c.log_grad_norms = False  # per-stage gradient norms as train/grad_norm/* metrics.
   c.eval_every_steps = 0  # 0: once per epoch.
   c.checkpoint_every_steps = 0  # 0: once per epoch.
   c.keep_checkpoints = 3

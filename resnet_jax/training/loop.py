@@ -98,7 +98,8 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
       cutmix_alpha=config.cutmix_alpha, mix_probability=config.mix_probability)
   train_step = functools.partial(
       steps.train_step, inputs=inputs, learning_rate_fn=schedule,
-      label_smoothing=config.label_smoothing, ema_decay=config.ema_decay, grad_accum_steps=accum)
+      label_smoothing=config.label_smoothing, ema_decay=config.ema_decay, grad_accum_steps=accum,
+      log_grad_norms=config.log_grad_norms)
   eval_step = functools.partial(steps.eval_step, inputs=inputs)
   return Experiment(
       config=config, dataset=info, image_size=image_size,

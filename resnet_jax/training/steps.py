@@ -34,6 +34,24 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
+def grad_norms_by_stage(grads: Any) -> Metrics:
+  """L2 norms of the gradients of the stem, each stage (`layer{i}_*`), the head and all.
+
+  Keys: grad_norm/stem, grad_norm/stage1 ..., grad_norm/head (fc, and a pre-activation
+  net's final norm), grad_norm/total.
+  """
+  groups: dict[str, list[Any]] = {}
+  for name, subtree in grads.items():
+    if name.startswith("layer"):
+      group = "stage" + name[len("layer"):].split("_")[0]
+    else:
+      group = "head" if name in ("fc", "bn_final") else "stem"
+    groups.setdefault(group, []).append(subtree)
+  norms = {f"grad_norm/{group}": optax.global_norm(trees) for group, trees in groups.items()}
+  norms["grad_norm/total"] = optax.global_norm(grads)
+  return norms
+
+
 def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -51,12 +69,15 @@ def train_step(
     label_smoothing: float = 0.0,
     ema_decay: float = 0.0,
     grad_accum_steps: int = 1,
+    log_grad_norms: bool = False,
     axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
   """One SGD step on `batch` ({"image": uint8, "label"}); returns the new state and mean metrics.
 
   `inputs` normalises the images (and mixes them, if configured) with a key derived from
-  the step counter, so a resumed run sees exactly the same inputs.
+  the step counter, so a resumed run sees exactly the same inputs. `log_grad_norms` adds
+  the per-stage gradient norms (of this batch's gradients, before the optimizer) to the
+  metrics; off, the step computes nothing extra.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:  # each replica drops different paths
@@ -76,10 +97,10 @@ def train_step(
   grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
+  if state.loss_scale is not None:
+    grads = state.loss_scale.unscale(grads)
 
-  updates, opt_state = state.tx.update(grads if state.loss_scale is None
-                                       else state.loss_scale.unscale(grads),
-                                       state.opt_state, state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=batch_stats)
@@ -92,6 +113,8 @@ def train_step(
       "accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
       "learning_rate": learning_rate_fn(state.step // grad_accum_steps),
   }
+  if log_grad_norms:
+    metrics.update(grad_norms_by_stage(grads))
   if state.loss_scale is not None:
     # A step whose gradients overflowed changes nothing but the (halved) loss scale.
     grads_finite = _all_finite(grads)
