@@ -16,6 +16,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
 SCHEDULES = ("constant", "cosine", "step", "polynomial")
 WEIGHT_DECAY_MODES = ("l2", "decoupled")
+NAN_POLICIES = ("stop", "skip")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -85,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Parallelism and numerics.
   c.parallelism = "jit"
   c.loss_scale_init = 2.0**15  # float16 only.
+  # A step whose loss or gradients are not finite: "stop" (exit non-zero, no checkpoint of
+  # it) or "skip" (leave the state as it was; stop after max_consecutive_skips in a row).
+  c.nan_policy = "stop"
+  c.max_consecutive_skips = 10
   c.seed = 0
 
   # Logging, evaluation and checkpoints.
@@ -119,6 +124,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   one_of("optimizer", OPTIMIZERS)
   one_of("schedule", SCHEDULES)
   one_of("weight_decay_mode", WEIGHT_DECAY_MODES)
+  one_of("nan_policy", NAN_POLICIES)
   one_of("preprocessing", PRESETS)
   check(0 <= config.holdout_fraction < 1, "holdout_fraction", "must be in [0, 1)")
   check(config.mixup_alpha >= 0, "mixup_alpha", "must be >= 0 (0 disables mixup)")
@@ -144,6 +150,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.log_every_steps > 0, "log_every_steps", "must be positive")
   check(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
   check(config.loss_scale_init > 0, "loss_scale_init", "must be positive")
+  check(config.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
   check(not config.replace_head or config.init_from, "replace_head",
         "needs config.init_from (the weights whose head it replaces)")
   check(all(k >= 1 for k in config.linear_probe_shots), "linear_probe_shots",

@@ -99,7 +99,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
   train_step = functools.partial(
       steps.train_step, inputs=inputs, learning_rate_fn=schedule,
       label_smoothing=config.label_smoothing, ema_decay=config.ema_decay, grad_accum_steps=accum,
-      log_grad_norms=config.log_grad_norms)
+      log_grad_norms=config.log_grad_norms, skip_non_finite=config.nan_policy == "skip")
   eval_step = functools.partial(steps.eval_step, inputs=inputs)
   return Experiment(
       config=config, dataset=info, image_size=image_size,
@@ -203,6 +203,38 @@ def resume_batch(exp: Experiment, saved: dict[str, Any], step: int) -> int:
   return saved["next_batch"]
 
 
+class NonFiniteError(RuntimeError):
+  """Training stopped on non-finite values, as `config.nan_policy` asks."""
+
+
+def check_finite(history: list[dict[str, np.ndarray]], first_step: int,
+                 config: ml_collections.ConfigDict, consecutive_skips: int) -> int:
+  """Applies `config.nan_policy` to the host metrics of steps first_step, first_step+1, ...
+
+  Returns the number of consecutive skipped steps at the end; raises NonFiniteError at
+  the first non-finite step ("stop") or at `max_consecutive_skips` in a row ("skip").
+  """
+  for i, metrics in enumerate(history):
+    step = first_step + i
+    if config.nan_policy == "stop" and metrics["non_finite"] > 0:
+      what = (f"loss = {float(metrics['loss'])}" if not np.isfinite(metrics["loss"])
+              else f"loss = {float(metrics['loss']):.4g} but the gradients are not finite")
+      raise NonFiniteError(
+          f"non-finite values at step {step}: {what}. Stopped without writing a checkpoint "
+          "after it; a restart resumes from the last one. Lower config.learning_rate, or set "
+          "config.nan_policy=skip to skip such steps.")
+    if metrics["non_finite"] > 0 and "skipped_step" in metrics:
+      consecutive_skips += 1
+      if consecutive_skips >= config.max_consecutive_skips:
+        raise NonFiniteError(
+            f"{consecutive_skips} consecutive steps up to step {step} had non-finite values and "
+            f"were skipped (config.max_consecutive_skips={config.max_consecutive_skips}); "
+            "stopping. Lower config.learning_rate.")
+    else:
+      consecutive_skips = 0
+  return consecutive_skips
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from `workdir` if it has checkpoints); returns the final eval metrics."""
   exp = setup(config)
@@ -234,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   progress = reporting.progress_bar(exp.total_steps, start_step,
                                     enabled=is_main_process and config.progress_bar)
   eval_metrics = evaluate(exp, state) if start_step >= exp.total_steps else {}
-  pending_metrics = []
+  pending_metrics, checked, consecutive_skips = [], 0, 0
   interval_start, interval_steps, interval_eval_seconds = time.perf_counter(), 0, 0.0
   for step in range(start_step + 1, exp.total_steps + 1):
     state, metrics = dp.train_step(state, next(batches))
@@ -242,11 +274,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     interval_steps += 1
     progress.update(1)
     is_last = step == exp.total_steps
+    logged = step % config.log_every_steps == 0 or is_last
+    evaluated = step % exp.eval_every_steps == 0 or is_last
+    checkpointed = step % exp.checkpoint_every_steps == 0 or is_last
 
-    if step % config.log_every_steps == 0 or is_last:
-      train_metrics = {f"train/{k}": float(np.mean(v))
-                       for k, v in jax.device_get(jax.tree.map(lambda *m: jnp.stack(m),
-                                                               *pending_metrics)).items()}
+    if logged or evaluated or checkpointed:  # nothing non-finite is evaluated or saved
+      pending_metrics[checked:] = jax.device_get(pending_metrics[checked:])
+      try:
+        consecutive_skips = check_finite(pending_metrics[checked:], step + 1 - interval_steps
+                                         + checked, config, consecutive_skips)
+      except NonFiniteError:
+        progress.close()
+        manager.wait_until_finished()  # the last good checkpoint is committed
+        manager.close()
+        writer.close()
+        raise
+      checked = len(pending_metrics)
+
+    if logged:
+      history = {k: np.stack([m[k] for m in pending_metrics]) for k in pending_metrics[0]}
+      train_metrics = {f"train/{k}": float(np.mean(v)) for k, v in history.items()}
+      if "skipped_step" in history:  # a count, not a fraction
+        train_metrics["train/skipped_steps"] = float(np.sum(history.pop("skipped_step")))
+        del train_metrics["train/skipped_step"]
       elapsed = time.perf_counter() - interval_start - interval_eval_seconds
       train_metrics["train/images_per_sec"] = interval_steps * config.batch_size / elapsed
       train_metrics["train/epoch"] = step / exp.steps_per_epoch
@@ -254,9 +304,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       progress.set_postfix(loss=f"{train_metrics['train/loss']:.3f}",
                            img_per_s=f"{train_metrics['train/images_per_sec']:.0f}")
       pending_metrics.clear()
+      checked = 0
       interval_start, interval_steps, interval_eval_seconds = time.perf_counter(), 0, 0.0
 
-    evaluated = step % exp.eval_every_steps == 0 or is_last
     if evaluated:
       eval_start = time.perf_counter()
       eval_metrics = evaluate(exp, state)
@@ -269,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"accuracy {eval_metrics['eval/accuracy']:.2%}, "
             f"top-5 {eval_metrics['eval/top5_accuracy']:.2%}")
       interval_eval_seconds += time.perf_counter() - eval_start  # not training throughput
-    if step % exp.checkpoint_every_steps == 0 or is_last:
+    if checkpointed:
       checkpointing.save(manager, dp.get_state(state), data_position(exp, step), info,
                          metrics=eval_metrics if evaluated else None)
 

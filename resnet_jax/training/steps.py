@@ -70,6 +70,7 @@ def train_step(
     ema_decay: float = 0.0,
     grad_accum_steps: int = 1,
     log_grad_norms: bool = False,
+    skip_non_finite: bool = False,
     axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
   """One SGD step on `batch` ({"image": uint8, "label"}); returns the new state and mean metrics.
@@ -78,6 +79,12 @@ def train_step(
   the step counter, so a resumed run sees exactly the same inputs. `log_grad_norms` adds
   the per-stage gradient norms (of this batch's gradients, before the optimizer) to the
   metrics; off, the step computes nothing extra.
+
+  Every step reports `non_finite` (1.0 when the loss or the gradients are not finite) for
+  the loop's nan_policy to act on when it next reads the metrics; `skip_non_finite` makes
+  such a step change nothing but the step counter (`skipped_step` = 1.0). Under float16
+  loss scaling, overflowing gradients are the loss scale's business: they skip the step
+  and halve the scale, and only a non-finite loss counts as `non_finite`.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:  # each replica drops different paths
@@ -115,13 +122,24 @@ def train_step(
   }
   if log_grad_norms:
     metrics.update(grad_norms_by_stage(grads))
+  mean_loss = loss if axis_name is None else jax.lax.pmean(loss, axis_name)
+  skipped = jnp.zeros((), bool)
   if state.loss_scale is not None:
     # A step whose gradients overflowed changes nothing but the (halved) loss scale.
     grads_finite = _all_finite(grads)
-    new_state = _select(grads_finite, new_state, state.replace(step=state.step + 1))
+    skipped = ~grads_finite
     new_state = new_state.replace(loss_scale=state.loss_scale.adjust(grads_finite))
     metrics["loss_scale"] = state.loss_scale.scale
-    metrics["skipped_step"] = 1.0 - grads_finite.astype(jnp.float32)
+    finite = jnp.isfinite(mean_loss)
+  else:
+    finite = jnp.isfinite(mean_loss) & _all_finite(grads)
+  if skip_non_finite:
+    skipped = skipped | ~finite
+  if state.loss_scale is not None or skip_non_finite:
+    new_state = _select(skipped, state.replace(step=state.step + 1,
+                                               loss_scale=new_state.loss_scale), new_state)
+    metrics["skipped_step"] = skipped.astype(jnp.float32)
+  metrics["non_finite"] = 1.0 - finite.astype(jnp.float32)
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
   return new_state, metrics
