@@ -22,7 +22,8 @@ import numpy as np
 from resnet_jax import data, linear_probe, pretrained
 from resnet_jax.data.device_ops import InputTransform
 from resnet_jax.models import ResNet, create_model
-from resnet_jax.training import checkpointing, optimizers, parallel, reporting, steps
+from resnet_jax.training import (checkpointing, optimizers, parallel, preemption, reporting,
+                                 steps)
 from resnet_jax.training.config import validate_config
 from resnet_jax.training.train_state import TrainState, create_train_state
 
@@ -236,7 +237,12 @@ def check_finite(history: list[dict[str, np.ndarray]], first_step: int,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from `workdir` if it has checkpoints); returns the final eval metrics."""
+  """Trains (resuming from `workdir` if it has checkpoints); returns the final eval metrics.
+
+  SIGTERM or SIGINT stops it after the current step with a checkpoint of that step; it
+  then returns {} (see `preemption`). Non-finite values are handled as `config.nan_policy`
+  says (NonFiniteError when training must stop).
+  """
   exp = setup(config)
   is_main_process = jax.process_index() == 0
   manager = checkpointing.make_checkpoint_manager(workdir, config.keep_checkpoints,
@@ -268,63 +274,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_metrics = evaluate(exp, state) if start_step >= exp.total_steps else {}
   pending_metrics, checked, consecutive_skips = [], 0, 0
   interval_start, interval_steps, interval_eval_seconds = time.perf_counter(), 0, 0.0
-  for step in range(start_step + 1, exp.total_steps + 1):
-    state, metrics = dp.train_step(state, next(batches))
-    pending_metrics.append(metrics)
-    interval_steps += 1
-    progress.update(1)
-    is_last = step == exp.total_steps
-    logged = step % config.log_every_steps == 0 or is_last
-    evaluated = step % exp.eval_every_steps == 0 or is_last
-    checkpointed = step % exp.checkpoint_every_steps == 0 or is_last
+  try:
+    with preemption.StopSignal(check_every=config.log_every_steps) as stop_signal:
+      for step in range(start_step + 1, exp.total_steps + 1):
+        state, metrics = dp.train_step(state, next(batches))
+        pending_metrics.append(metrics)
+        interval_steps += 1
+        progress.update(1)
+        is_last = step == exp.total_steps
+        stopping = not is_last and stop_signal.should_stop(step)
+        logged = step % config.log_every_steps == 0 or is_last or stopping
+        evaluated = step % exp.eval_every_steps == 0 or is_last
+        checkpointed = step % exp.checkpoint_every_steps == 0 or is_last or stopping
 
-    if logged or evaluated or checkpointed:  # nothing non-finite is evaluated or saved
-      pending_metrics[checked:] = jax.device_get(pending_metrics[checked:])
-      try:
-        consecutive_skips = check_finite(pending_metrics[checked:], step + 1 - interval_steps
-                                         + checked, config, consecutive_skips)
-      except NonFiniteError:
-        progress.close()
-        manager.wait_until_finished()  # the last good checkpoint is committed
-        manager.close()
-        writer.close()
-        raise
-      checked = len(pending_metrics)
+        if logged or evaluated or checkpointed:  # nothing non-finite is evaluated or saved
+          pending_metrics[checked:] = jax.device_get(pending_metrics[checked:])
+          consecutive_skips = check_finite(pending_metrics[checked:],
+                                           step + 1 - interval_steps + checked, config,
+                                           consecutive_skips)
+          checked = len(pending_metrics)
 
-    if logged:
-      history = {k: np.stack([m[k] for m in pending_metrics]) for k in pending_metrics[0]}
-      train_metrics = {f"train/{k}": float(np.mean(v)) for k, v in history.items()}
-      if "skipped_step" in history:  # a count, not a fraction
-        train_metrics["train/skipped_steps"] = float(np.sum(history.pop("skipped_step")))
-        del train_metrics["train/skipped_step"]
-      elapsed = time.perf_counter() - interval_start - interval_eval_seconds
-      train_metrics["train/images_per_sec"] = interval_steps * config.batch_size / elapsed
-      train_metrics["train/epoch"] = step / exp.steps_per_epoch
-      writer.write(step, train_metrics)
-      progress.set_postfix(loss=f"{train_metrics['train/loss']:.3f}",
-                           img_per_s=f"{train_metrics['train/images_per_sec']:.0f}")
-      pending_metrics.clear()
-      checked = 0
-      interval_start, interval_steps, interval_eval_seconds = time.perf_counter(), 0, 0.0
+        if logged:
+          history = {k: np.stack([m[k] for m in pending_metrics]) for k in pending_metrics[0]}
+          train_metrics = {f"train/{k}": float(np.mean(v)) for k, v in history.items()}
+          if "skipped_step" in history:  # a count, not a fraction
+            train_metrics["train/skipped_steps"] = float(np.sum(history.pop("skipped_step")))
+            del train_metrics["train/skipped_step"]
+          elapsed = time.perf_counter() - interval_start - interval_eval_seconds
+          train_metrics["train/images_per_sec"] = interval_steps * config.batch_size / elapsed
+          train_metrics["train/epoch"] = step / exp.steps_per_epoch
+          writer.write(step, train_metrics)
+          progress.set_postfix(loss=f"{train_metrics['train/loss']:.3f}",
+                               img_per_s=f"{train_metrics['train/images_per_sec']:.0f}")
+          pending_metrics.clear()
+          checked = 0
+          interval_start, interval_steps, interval_eval_seconds = time.perf_counter(), 0, 0.0
 
-    if evaluated:
-      eval_start = time.perf_counter()
-      eval_metrics = evaluate(exp, state)
-      writer.write(step, eval_metrics)
-      writer.plot()
-      if is_main_process:
-        progress.write(
-            f"step {step}/{exp.total_steps} (epoch {step / exp.steps_per_epoch:.1f}): "
-            f"eval loss {eval_metrics['eval/loss']:.4f}, "
-            f"accuracy {eval_metrics['eval/accuracy']:.2%}, "
-            f"top-5 {eval_metrics['eval/top5_accuracy']:.2%}")
-      interval_eval_seconds += time.perf_counter() - eval_start  # not training throughput
-    if checkpointed:
-      checkpointing.save(manager, dp.get_state(state), data_position(exp, step), info,
-                         metrics=eval_metrics if evaluated else None)
-
-  progress.close()
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+        if evaluated:
+          eval_start = time.perf_counter()
+          eval_metrics = evaluate(exp, state)
+          writer.write(step, eval_metrics)
+          writer.plot()
+          if is_main_process:
+            progress.write(
+                f"step {step}/{exp.total_steps} (epoch {step / exp.steps_per_epoch:.1f}): "
+                f"eval loss {eval_metrics['eval/loss']:.4f}, "
+                f"accuracy {eval_metrics['eval/accuracy']:.2%}, "
+                f"top-5 {eval_metrics['eval/top5_accuracy']:.2%}")
+          interval_eval_seconds += time.perf_counter() - eval_start  # not training throughput
+        if checkpointed:
+          checkpointing.save(manager, dp.get_state(state), data_position(exp, step), info,
+                             metrics=eval_metrics if evaluated else None)
+        if stopping:
+          manager.wait_until_finished()
+          if is_main_process:
+            progress.write(
+                f"Stopped by {stop_signal.name or 'another process'} after step {step} of "
+                f"{exp.total_steps}: checkpoint saved in {workdir}; run the same command to "
+                "resume.")
+          return {}
+  finally:  # also on errors: the last good checkpoint is committed before anything exits
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
   return eval_metrics
