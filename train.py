@@ -15,6 +15,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from resnet_jax.training.checkpointing import CheckpointError  # noqa: E402
 from resnet_jax.training.loop import NonFiniteError, train_and_evaluate  # noqa: E402
 
 try:  # config_flags applies --config.KEY overrides here, at definition.
@@ -42,8 +43,8 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize()
   try:
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, NonFiniteError) as e:  # bad config, dataset or shapes, or NaNs: one
-    raise SystemExit(f"error: {e}") from None  # actionable line, no traceback, exit code 1.
+  except (ValueError, NonFiniteError, CheckpointError) as e:  # bad config, dataset, shapes or
+    raise SystemExit(f"error: {e}") from None  # checkpoints, or NaNs: one line, exit code 1.
   if metrics:
     print(f"Final eval: loss {metrics['eval/loss']:.4f}, accuracy {metrics['eval/accuracy']:.2%}, "
           f"top-5 {metrics['eval/top5_accuracy']:.2%}. Outputs in {_WORKDIR.value}/")

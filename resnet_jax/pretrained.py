@@ -157,7 +157,8 @@ def load(path: str) -> Pretrained:
 
 def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(np.shape(leaf))
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))  # arrays, metadata
           for path, leaf in leaves}
 
 

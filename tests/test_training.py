@@ -235,18 +235,45 @@ def test_checkpoints_keep_the_latest_k_plus_the_best(tmp_path):
   manager.close()
 
 
-def test_corrupt_checkpoint_gives_an_error_naming_it(tmp_path):
-  manager = checkpointing.make_checkpoint_manager(str(tmp_path), 2, "eval/accuracy")
-  model = create_model("resnet20", width=4, stage_sizes=(1, 1, 1))
+def _tiny_checkpoints(tmp_path, steps, num_classes=10):
+  manager = checkpointing.make_checkpoint_manager(str(tmp_path), 5, "eval/accuracy")
+  model = create_model("resnet20", width=4, stage_sizes=(1, 1, 1), num_classes=num_classes)
   state = create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (8, 8, 3))
-  checkpointing.save(manager, state.replace(step=jnp.asarray(4)), {"next_batch": 4}, {})
+  for step in steps:
+    checkpointing.save(manager, state.replace(step=jnp.asarray(step)), {"next_batch": step}, {})
   manager.wait_until_finished()
-  for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "state"):
+  return manager, state
+
+
+def _damage(step_dir):
+  for root, _, files in os.walk(step_dir / "state"):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  with pytest.raises(RuntimeError, match="Could not restore checkpoint .*checkpoints/4"):
+
+
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restored(tmp_path,
+                                                                                   caplog):
+  manager, state = _tiny_checkpoints(tmp_path, (2, 4))
+  _damage(tmp_path / "checkpoints" / "4")
+  restored, position = checkpointing.restore_latest(manager, state)
+  assert int(restored.step) == 2 and position == {"next_batch": 2}
+  assert "checkpoints/4 is damaged" in caplog.text
+  assert os.listdir(tmp_path / "checkpoints_damaged") == ["4"]  # moved, not deleted
+  assert manager.all_steps() == [2]
+  _damage(tmp_path / "checkpoints" / "2")
+  with pytest.raises(checkpointing.CheckpointError, match="No readable checkpoint"):
     checkpointing.restore_latest(manager, state)
+  assert sorted(os.listdir(tmp_path / "checkpoints_damaged")) == ["2", "4"]
+  manager.close()
+
+
+def test_a_checkpoint_of_another_model_is_an_error_naming_both_not_a_fallback(tmp_path):
+  manager, _ = _tiny_checkpoints(tmp_path, (2,), num_classes=10)
+  _, five_classes = _tiny_checkpoints(tmp_path / "other", (), num_classes=5)
+  with pytest.raises(ValueError, match=r"checkpoints/2 does not fit this config .*fc/kernel"):
+    checkpointing.restore_latest(manager, five_classes)
+  assert manager.all_steps() == [2]
   manager.close()
 
 

@@ -15,9 +15,18 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import serialization
+from jax.experimental import multihost_utils
 
+from resnet_jax import pretrained
 from resnet_jax.training.train_state import TrainState
+
+STATE_ITEM = pretrained.STATE_ITEM
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the workdir can be read."""
 
 
 def make_checkpoint_manager(workdir: str, keep: int, best_metric: str) -> ocp.CheckpointManager:
@@ -32,7 +41,7 @@ def make_checkpoint_manager(workdir: str, keep: int, best_metric: str) -> ocp.Ch
   options = ocp.CheckpointManagerOptions(preservation_policy=preservation,
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, item_names=("state", "data", "model"))
+                               options=options, item_names=(STATE_ITEM, "data", pretrained.MODEL_ITEM))
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
@@ -50,27 +59,70 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_position: dict[
                metrics=metrics, force=True)
 
 
+def _stored_state_mismatches(step_dir: str, target: dict[str, Any]) -> list[str] | None:
+  """How the stored state's shapes differ from `target`'s; None if unreadable."""
+  try:
+    stored = ocp.PyTreeCheckpointHandler().metadata(
+        epath.Path(step_dir, STATE_ITEM)).tree
+  except Exception:  # noqa: BLE001 - any failure to read it means damage
+    return None
+  return pretrained.variable_mismatches(target, stored)
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves a damaged checkpoint to checkpoints_damaged/ (never deletes it); returns where."""
+  source = os.path.join(manager.directory, str(step))
+  aside_dir = os.path.join(os.path.dirname(os.fspath(manager.directory)), "checkpoints_damaged")
+  target = os.path.join(aside_dir, str(step))
+  suffix = 1
+  while os.path.exists(target):  # damaged twice at the same step: keep both
+    target, suffix = os.path.join(aside_dir, f"{step}.{suffix}"), suffix + 1
+  if jax.process_index() == 0:
+    os.makedirs(aside_dir, exist_ok=True)
+    os.replace(source, target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+  manager.reload()
+  return target
+
+
 def restore_latest(manager: ocp.CheckpointManager,
                    template: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-  """Restores the newest checkpoint into `template`'s structure and shardings, if any.
+  """Restores the newest readable checkpoint into `template`'s structure and shardings.
 
-  Raises RuntimeError naming the checkpoint when it cannot be read or does not fit.
+  A damaged checkpoint (unreadable, truncated, half-written) is moved aside with a warning
+  and the next older one is tried; RuntimeError only when none is readable. A readable
+  checkpoint that does not fit the template (another model, class count or optimizer) is
+  a ValueError naming both: never a silent fallback to an older one. CheckpointError
+  when checkpoints exist but none is readable.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(template))
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-  except Exception as e:  # orbax raises many types; all mean "this checkpoint is unusable".
-    path = os.path.join(manager.directory, str(step))
-    raise RuntimeError(
-        f"Could not restore checkpoint {path}: {type(e).__name__}: {e}. If it was written by "
-        "a different model or config, use a new --workdir; if it is damaged, delete it to "
-        "resume from the previous one.") from e
-  logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
-  # Disabled extras (None) were not saved; the template supplies them.
-  arrays = {**serialization.to_state_dict(template), **restored["state"]}
-  state = serialization.from_state_dict(template, arrays)
-  return state, restored["data"]
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    step_dir = os.path.join(manager.directory, str(step))
+    mismatches = _stored_state_mismatches(step_dir, target)
+    if mismatches:
+      raise ValueError(
+          f"The checkpoint {step_dir} does not fit this config ({len(mismatches)} "
+          f"differences, e.g. {'; '.join(mismatches[:3])}): it was written for another model "
+          "or config. Use a new --workdir, or the config it was written with.")
+    try:
+      if mismatches is None:
+        raise ValueError("its state metadata cannot be read")
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - orbax raises many types; all mean "damaged"
+      aside = move_aside(manager, step)
+      logging.warning("Checkpoint %s is damaged (%s: %s); moved it to %s and trying the one "
+                      "before it.", step_dir, type(e).__name__, str(e)[:200], aside)
+      damaged.append(f"{step_dir} → {aside}")
+      continue
+    logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
+    # Disabled extras (None) were not saved; the template supplies them.
+    arrays = {**serialization.to_state_dict(template), **restored["state"]}
+    return serialization.from_state_dict(template, arrays), restored["data"]
+  if damaged:
+    raise CheckpointError(f"No readable checkpoint in {manager.directory}: every one was damaged "
+                       f"and has been moved aside ({'; '.join(damaged)}). Start again with a "
+                       "new --workdir, or restore the files.")
+  return None
