@@ -42,7 +42,13 @@ def main(argv: list[str]) -> None:
   if _DISTRIBUTED.value:  # before anything initialises JAX's backends
     jax.distributed.initialize()
   try:
-    metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.keys()  # a config file that failed to load raises on first use, not before
+  except OSError as e:  # a missing or unloadable config file
+    raise SystemExit(f"error: could not load --config: {str(e).strip().splitlines()[-1].strip()}"
+                     ) from None
+  try:
+    metrics = train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, NonFiniteError, CheckpointError) as e:  # bad config, dataset, shapes or
     raise SystemExit(f"error: {e}") from None  # checkpoints, or NaNs: one line, exit code 1.
   if metrics:

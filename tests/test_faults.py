@@ -93,3 +93,23 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_restart_is_bitwise_ident
                  timeout=300)
   chex.assert_trees_all_equal(pretrained.load(str(interrupted)).variables,
                               pretrained.load(str(reference)).variables)
+
+
+def test_a_workdir_that_is_a_file_or_cannot_be_created_is_one_clear_error(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a directory")
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    loop.prepare_workdir(str(a_file))
+  with pytest.raises(ValueError, match="cannot create --workdir=.*: Not a directory"):
+    loop.prepare_workdir(str(a_file / "run"))
+
+
+def test_train_py_with_a_missing_config_file_says_so_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={tmp_path}",
+       "--config=configs/no_such_config.py"], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: could not load --config: [Errno 2] No such file or directory: "
+      "'configs/no_such_config.py'")
+  assert "Traceback" not in result.stderr

@@ -236,6 +236,18 @@ def check_finite(history: list[dict[str, np.ndarray]], first_step: int,
   return consecutive_skips
 
 
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed; ValueError (one line) when it cannot hold a run's outputs."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a directory; choose another path")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"cannot create --workdir={workdir}: {e.strerror}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir={workdir} is not writable; choose another path")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from `workdir` if it has checkpoints); returns the final eval metrics.
 
@@ -243,6 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   then returns {} (see `preemption`). Non-finite values are handled as `config.nan_policy`
   says (NonFiniteError when training must stop).
   """
+  prepare_workdir(workdir)
   exp = setup(config)
   is_main_process = jax.process_index() == 0
   manager = checkpointing.make_checkpoint_manager(workdir, config.keep_checkpoints,
