@@ -35,6 +35,21 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "coordinator on TPU pods, SLURM and similar clusters); run the same command on every host.")
 
 
+def config_file_error(e: OSError) -> str:
+  """One line for a missing or unloadable config file (ml_collections' message ends with it)."""
+  return f"error: could not load --config: {str(e).strip().splitlines()[-1].strip()}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every failure as one `error:` line and exit code 1."""
+  try:
+    return flags.FLAGS(argv)
+  except OSError as e:  # an override applied to a config file that could not be loaded
+    raise SystemExit(config_file_error(e)) from None
+  except flags.Error as e:  # a wrong-typed value, an unknown flag
+    raise SystemExit(f"error: {e}") from None
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -44,9 +59,8 @@ def main(argv: list[str]) -> None:
   try:
     config = _CONFIG.value
     config.keys()  # a config file that failed to load raises on first use, not before
-  except OSError as e:  # a missing or unloadable config file
-    raise SystemExit(f"error: could not load --config: {str(e).strip().splitlines()[-1].strip()}"
-                     ) from None
+  except OSError as e:
+    raise SystemExit(config_file_error(e)) from None
   try:
     metrics = train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, NonFiniteError, CheckpointError) as e:  # bad config, dataset, shapes or
@@ -57,4 +71,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -347,6 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "resume.")
           return {}
   finally:  # also on errors: the last good checkpoint is committed before anything exits
+    batches.close()  # stops the input pipeline now, not in the middle of interpreter exit
     progress.close()
     manager.wait_until_finished()
     manager.close()

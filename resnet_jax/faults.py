@@ -1,0 +1,319 @@
+"""Fault injection: each fault against short real `train.py` runs, as a table.
+
+  python -m resnet_jax.faults [--workdir DIR] [--only NAME,...]
+
+Every fault runs the README's train command (ResNet-20 on the embedded digits, a few
+dozen steps) in a subprocess, injects the fault (a signal, a damaged checkpoint, a huge
+learning rate, a bad path or value, a folder of broken images) and checks what a user
+would see: the exit code, the one error line, the checkpoints left behind, and, where a
+run resumes, that its final weights equal an uninterrupted run's bit for bit. The runs
+share compiled programs through XLA's persistent cache. `tests/test_faults.py` runs the
+same faults under pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_PY = os.path.join(REPO, "train.py")
+STEPS = 40  # of the shared short run: checkpoints every 10, logs every 5
+SHORT_RUN = (f"--config.num_train_steps={STEPS}", "--config.log_every_steps=5",
+             "--config.checkpoint_every_steps=10", "--config.eval_every_steps=20",
+             "--config.batch_size=32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """One row of the table."""
+
+  fault: str
+  expected: str
+  happened: str
+  passed: bool
+
+
+class Runs:
+  """Where the fault runs live, the digits they train on, and the uninterrupted reference."""
+
+  def __init__(self, workdir: str, data_dir: str):
+    self.workdir, self.data_dir = workdir, data_dir
+    self._reference: dict | None = None
+
+  def command(self, workdir: str, *overrides: str, short_run: bool = True) -> list[str]:
+    return [sys.executable, TRAIN_PY, f"--workdir={workdir}", f"--config.data_dir={self.data_dir}",
+            "--config.progress_bar=False", *(SHORT_RUN if short_run else ()), *overrides]
+
+  def train(self, workdir: str, *overrides: str, short_run: bool = True,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(self.command(workdir, *overrides, short_run=short_run),
+                          capture_output=True, text=True, timeout=timeout)
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.workdir, name)
+
+  def reference(self) -> dict:
+    """Final variables of the short run, uninterrupted (trained once, on first use)."""
+    if self._reference is None:
+      result = self.train(self.path("reference"))
+      if result.returncode != 0:
+        raise RuntimeError(f"the uninterrupted reference run failed:\n{result.stderr[-3000:]}")
+      self._reference = final_variables(self.path("reference"))
+    return self._reference
+
+  def equals_reference(self, workdir: str) -> bool:
+    return trees_equal(final_variables(workdir), self.reference())
+
+
+def final_variables(workdir: str) -> dict:
+  from resnet_jax import pretrained
+  return pretrained.load(workdir).variables
+
+
+def trees_equal(a, b) -> bool:
+  same_structure = jax.tree.structure(a) == jax.tree.structure(b)
+  return same_structure and all(np.array_equal(x, y) for x, y in
+                                zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+      directory) else []
+
+
+def last_line(text: str) -> str:
+  lines = [line for line in text.strip().splitlines() if line.strip()]
+  return lines[-1] if lines else ""
+
+
+def _wait_for_step(workdir: str, after: int, process: subprocess.Popen,
+                   timeout: float = 300) -> None:
+  """Blocks until metrics.jsonl logs a step past `after` (or the process ended)."""
+  from resnet_jax.training import reporting
+  metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + timeout
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(metrics) and any(
+        r.get("step", 0) > after for r in reporting.read_metrics(metrics)):
+      return
+    time.sleep(0.02)
+
+
+def sigterm(runs: Runs) -> tuple[str, bool]:
+  workdir = runs.path("sigterm")
+  process = subprocess.Popen(runs.command(workdir), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  _wait_for_step(workdir, 0, process)
+  process.send_signal(signal.SIGTERM)
+  out, err = process.communicate(timeout=300)
+  stopped = re.search(rf"Stopped by SIGTERM after step (\d+) of {STEPS}", out)
+  if process.returncode != 0 or not stopped:
+    return f"exit {process.returncode}: {last_line(err) or last_line(out)}", False
+  step = int(stopped.group(1))
+  saved = checkpoint_steps(workdir)
+  resumed = runs.train(workdir)
+  equal = resumed.returncode == 0 and runs.equals_reference(workdir)
+  return (f"exit 0 at step {step}, checkpoints {saved}; restart "
+          f"{'bitwise equal' if equal else 'DIFFERS'}"), step in saved and equal
+
+
+def kill_9_three_times(runs: Runs) -> tuple[str, bool]:
+  workdir, rng, kills = runs.path("kill9"), random.Random(0), []
+  for _ in range(3):
+    process = subprocess.Popen(runs.command(workdir), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    before = checkpoint_steps(workdir)
+    _wait_for_step(workdir, before[-1] if before else 0, process)  # training (again)
+    time.sleep(rng.uniform(0.0, 1.0))  # somewhere in training, maybe mid-checkpoint
+    process.kill()
+    process.wait()
+    kills.append(f"{before[-1] if before else 0}→{checkpoint_steps(workdir)}")
+  finished = runs.train(workdir)
+  equal = finished.returncode == 0 and runs.equals_reference(workdir)
+  return (f"killed 3× (last checkpoint before → checkpoints after: {'; '.join(kills)}); "
+          f"final run {'bitwise equal' if equal else 'DIFFERS'}"), equal
+
+
+def damaged_checkpoint(runs: Runs) -> tuple[str, bool]:
+  runs.reference()
+  workdir = runs.path("damaged")
+  shutil.copytree(runs.path("reference"), workdir)
+  latest = checkpoint_steps(workdir)[-1]
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(latest))):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(max(os.path.getsize(f.name) // 2, 1))
+  result = runs.train(workdir)
+  aside = os.listdir(os.path.join(workdir, "checkpoints_damaged")) if os.path.isdir(
+      os.path.join(workdir, "checkpoints_damaged")) else []
+  warned = f"checkpoints/{latest} is damaged" in result.stderr
+  resumed = re.search(r"Resuming from the checkpoint at step (\d+)", result.stdout)
+  equal = result.returncode == 0 and runs.equals_reference(workdir)
+  return (f"warned: {warned}, moved aside: {aside}, resumed from "
+          f"{resumed.group(1) if resumed else 'nothing'}, final "
+          f"{'bitwise equal' if equal else 'DIFFERS'}"), (
+              warned and aside == [str(latest)] and bool(resumed) and equal)
+
+
+def nan_stop(runs: Runs) -> tuple[str, bool]:
+  workdir = runs.path("nan_stop")
+  result = runs.train(workdir, "--config.learning_rate=1e6",
+                      "--config.checkpoint_every_steps=1")
+  bad = re.match(r"error: non-finite values at step (\d+)", last_line(result.stderr))
+  saved = checkpoint_steps(workdir)
+  finite = bool(saved) and all(np.all(np.isfinite(x)) for x in
+                               jax.tree.leaves(final_variables(workdir)))
+  return (f"exit {result.returncode}: {last_line(result.stderr)[:90]}…; checkpoints {saved}, "
+          f"finite: {finite}"), (
+              result.returncode == 1 and bool(bad) and finite
+              and max(saved) == int(bad.group(1)) - 1)
+
+
+def nan_skip(runs: Runs) -> tuple[str, bool]:
+  workdir = runs.path("nan_skip")
+  result = runs.train(workdir, "--config.learning_rate=1e6", "--config.nan_policy=skip",
+                      f"--config.max_consecutive_skips={STEPS}")
+  from resnet_jax.training import reporting
+  records = reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  skipped = int(sum(r.get("train/skipped_steps", 0) for r in records))
+  finite = all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final_variables(workdir)))
+  return (f"exit {result.returncode}, {skipped} of {STEPS} steps skipped, checkpoints "
+          f"{checkpoint_steps(workdir)}, all finite: {finite}"), (
+              result.returncode == 0 and skipped > 0 and finite
+              and checkpoint_steps(workdir)[-1] == STEPS)
+
+
+def _one_error_line(result: subprocess.CompletedProcess, pattern: str) -> tuple[str, bool]:
+  line = last_line(result.stderr)
+  ok = (result.returncode != 0 and "Traceback" not in result.stderr
+        and re.search(pattern, line) is not None)
+  return f"exit {result.returncode}: {line}", ok
+
+
+def workdir_is_a_file(runs: Runs) -> tuple[str, bool]:
+  a_file = runs.path("a_file")
+  with open(a_file, "w") as f:
+    f.write("not a directory")
+  return _one_error_line(runs.train(a_file), r"^error: --workdir=.* is a file")
+
+
+def missing_config_file(runs: Runs) -> tuple[str, bool]:
+  result = subprocess.run([sys.executable, TRAIN_PY, f"--workdir={runs.path('x')}",
+                           "--config=configs/no_such.py", "--config.num_train_steps=3"],
+                          capture_output=True, text=True, timeout=300)
+  return _one_error_line(result, r"^error: could not load --config: .*No such file")
+
+
+def out_of_range_value(runs: Runs) -> tuple[str, bool]:
+  return _one_error_line(runs.train(runs.path("x"), "--config.learning_rate=-1"),
+                         r"^error: config.learning_rate=-1.0: must be >= 0")
+
+
+def wrong_typed_value(runs: Runs) -> tuple[str, bool]:
+  return _one_error_line(runs.train(runs.path("x"), "--config.batch_size=abc"),
+                         r"^error: flag --config.batch_size=abc: invalid literal")
+
+
+def broken_images(runs: Runs) -> tuple[str, bool]:
+  """A folder of digits plus a file of random bytes and a truncated PNG in it."""
+  from PIL import Image
+  from sklearn.datasets import load_digits
+  folder = runs.path("broken_folder")
+  images, labels = load_digits(return_X_y=True)
+  for digit in (0, 1):
+    class_dir = os.path.join(folder, "train", f"digit_{digit}")
+    os.makedirs(class_dir, exist_ok=True)
+    for i, pixels in enumerate(images[labels == digit][:16].reshape(-1, 8, 8)):
+      Image.fromarray((pixels * 255 / 16).astype(np.uint8)).save(
+          os.path.join(class_dir, f"{i:02d}.png"))
+  with open(os.path.join(folder, "train", "digit_0", "random.jpg"), "wb") as f:
+    f.write(np.random.default_rng(0).bytes(3000))
+  truncated = os.path.join(folder, "train", "digit_1", "00.png")
+  with open(truncated, "r+b") as f:
+    f.truncate(40)
+  result = runs.train(runs.path("broken_run"), f"--config.dataset=folder:{folder}",
+                      "--config.num_train_steps=2", "--config.batch_size=8", short_run=False)
+  named = "random.jpg" in result.stderr and "00.png" in result.stderr
+  counted = re.search(r"Skipped 2 of \d+ image files", result.stderr) is not None
+  return (f"exit {result.returncode}; warnings name both files: {named}; count of 2: "
+          f"{counted}"), result.returncode == 0 and named and counted
+
+
+FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
+    "SIGTERM mid-run": ("exit 0, checkpoint at the stop step, restart bitwise equal", sigterm),
+    "kill -9 three times at random moments": ("restart bitwise equal", kill_9_three_times),
+    "latest checkpoint truncated": (
+        "warning naming it, moved aside, resumes from the previous one, bitwise equal",
+        damaged_checkpoint),
+    "lr 1e6 with nan_policy=stop": ("exit 1 at the first bad step, no checkpoint after it",
+                                nan_stop),
+    "lr 1e6 with nan_policy=skip": ("finishes, skips counted, finite checkpoints", nan_skip),
+    "--workdir is a file": ("one error line, exit 1", workdir_is_a_file),
+    "missing --config file": ("one error line, exit 1", missing_config_file),
+    "out-of-range value": ("one error line naming the key", out_of_range_value),
+    "wrong-typed value": ("one error line naming the flag", wrong_typed_value),
+    "image folder with random bytes and a truncated PNG": (
+        "trains; a warning per file and a count", broken_images),
+}
+
+
+def run_fault(name: str, runs: Runs) -> Outcome:
+  expected, inject = FAULTS[name]
+  try:
+    happened, passed = inject(runs)
+  except Exception as e:  # noqa: BLE001 - a crash of the harness is a failed row, not a stop
+    happened, passed = f"{type(e).__name__}: {e}", False
+  return Outcome(name, expected, happened, passed)
+
+
+def table(outcomes: Sequence[Outcome]) -> str:
+  rows = ["| fault | expected | what happened | |", "|---|---|---|---|"]
+  rows += [f"| {o.fault} | {o.expected} | {o.happened.replace('|', '/')} | "
+           f"{'pass' if o.passed else 'FAIL'} |" for o in outcomes]
+  return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m resnet_jax.faults",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", default="", help="default: a new temporary directory")
+  parser.add_argument("--only", default="", help="comma-separated fault names (default: all)")
+  args = parser.parse_args(argv)
+  names = [n.strip() for n in args.only.split(",") if n.strip()] or list(FAULTS)
+  unknown = [n for n in names if n not in FAULTS]
+  if unknown:
+    parser.error(f"unknown faults {unknown}; known: {list(FAULTS)}")
+  workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="resnet_jax_faults_"))
+  os.makedirs(workdir, exist_ok=True)
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "xla_cache"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  from resnet_jax import data
+  data_dir = os.path.join(workdir, "tensorflow_datasets")
+  data.get_dataset_info("digits", data_dir)
+  runs = Runs(workdir, data_dir)
+  start, outcomes = time.perf_counter(), []
+  for name in names:
+    outcomes.append(run_fault(name, runs))
+    print(f"{'pass' if outcomes[-1].passed else 'FAIL'}: {name}: {outcomes[-1].happened}",
+          flush=True)
+  print(f"\n{table(outcomes)}\n\n{sum(o.passed for o in outcomes)} of {len(outcomes)} passed "
+        f"in {time.perf_counter() - start:.0f} s (runs in {workdir})")
+  sys.exit(0 if all(o.passed for o in outcomes) else 1)
+
+
+if __name__ == "__main__":
+  main()
