@@ -16,7 +16,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from resnet_jax.training.checkpointing import CheckpointError  # noqa: E402
-from resnet_jax.training.loop import NonFiniteError, train_and_evaluate  # noqa: E402
+from resnet_jax.training.loop import NonFiniteError, WriteError, train_and_evaluate  # noqa: E402
 
 try:  # config_flags applies --config.KEY overrides here, at definition.
   _CONFIG = config_flags.DEFINE_config_file(
@@ -63,8 +63,8 @@ def main(argv: list[str]) -> None:
     raise SystemExit(config_file_error(e)) from None
   try:
     metrics = train_and_evaluate(config, _WORKDIR.value)
-  except (ValueError, NonFiniteError, CheckpointError) as e:  # bad config, dataset, shapes or
-    raise SystemExit(f"error: {e}") from None  # checkpoints, or NaNs: one line, exit code 1.
+  except (ValueError, NonFiniteError, CheckpointError, WriteError) as e:  # bad input, NaNs, a
+    raise SystemExit(f"error: {e}") from None  # failed write: one line, exit code 1.
   if metrics:
     print(f"Final eval: loss {metrics['eval/loss']:.4f}, accuracy {metrics['eval/accuracy']:.2%}, "
           f"top-5 {metrics['eval/top5_accuracy']:.2%}. Outputs in {_WORKDIR.value}/")

@@ -253,6 +253,72 @@ def broken_images(runs: Runs) -> tuple[str, bool]:
           f"{counted}"), result.returncode == 0 and named and counted
 
 
+def _short_config(runs: Runs, **overrides):
+  """The short run's config, for faults injected in this process."""
+  from configs import digits
+  config = digits.get_config()
+  for flag in SHORT_RUN:
+    key, value = flag[len("--config."):].split("=")
+    config[key] = int(value)
+  config.data_dir, config.progress_bar = runs.data_dir, False
+  config.update(overrides)
+  return config
+
+
+def _failing_at(step: int, error: OSError, original: Callable, step_of: Callable) -> Callable:
+  """`original`, except that it raises `error` when called for `step`."""
+  def write(*args, **kwargs):
+    if step_of(*args, **kwargs) == step:
+      raise error
+    return original(*args, **kwargs)
+  return write
+
+
+def checkpoint_write_fails(runs: Runs) -> tuple[str, bool]:
+  """Disk full at the checkpoint of step 20: "stop" ends the run, "continue" goes on."""
+  from unittest import mock
+  from resnet_jax.training import checkpointing, loop
+  full = OSError(28, "No space left on device")
+  failing_save = _failing_at(20, full, checkpointing.save,
+                             lambda manager, state, *a, **k: int(jax.device_get(state.step)))
+  results = {}
+  for policy in ("stop", "continue"):
+    workdir = runs.path(f"write_fails_{policy}")
+    with mock.patch.object(checkpointing, "save", failing_save):
+      try:
+        loop.train_and_evaluate(_short_config(runs, on_write_error=policy), workdir)
+        results[policy] = "finished"
+      except loop.WriteError as e:
+        results[policy] = f"WriteError: {str(e)[:60]}…"
+    results[policy] += f" checkpoints {checkpoint_steps(workdir)}"
+  intact = trees_equal(final_variables(os.path.join(runs.path("write_fails_stop"), "checkpoints",
+                                                    "10")),
+                       final_variables(os.path.join(runs.path("write_fails_continue"),
+                                                    "checkpoints", "10")))
+  return (f"stop: {results['stop']}; continue: {results['continue']}; step-10 checkpoint "
+          f"readable: {intact}"), (
+              results["stop"].startswith("WriteError: could not write the checkpoint at step 20: "
+                                         "No space left")
+              and results["stop"].endswith("checkpoints [10]")
+              and results["continue"] == "finished checkpoints [10, 30, 40]" and intact)
+
+
+def metrics_write_fails(runs: Runs) -> tuple[str, bool]:
+  """A read-only metrics file at step 15: with "continue" the run finishes all the same."""
+  from unittest import mock
+  from resnet_jax.training import loop, reporting
+  read_only = OSError(30, "Read-only file system")
+  failing_write = _failing_at(15, read_only, reporting.MetricsWriter.write,
+                              lambda writer, step, metrics: step)
+  workdir = runs.path("metrics_fails")
+  with mock.patch.object(reporting.MetricsWriter, "write", failing_write):
+    loop.train_and_evaluate(_short_config(runs, on_write_error="continue"), workdir)
+  steps = [int(r["step"]) for r in reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+           if "train/loss" in r]
+  return (f"finished: checkpoints {checkpoint_steps(workdir)}, train records at {steps}"), (
+      checkpoint_steps(workdir)[-1] == STEPS and 15 not in steps and STEPS in steps)
+
+
 FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
     "SIGTERM mid-run": ("exit 0, checkpoint at the stop step, restart bitwise equal", sigterm),
     "kill -9 three times at random moments": ("restart bitwise equal", kill_9_three_times),
@@ -262,6 +328,10 @@ FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
     "lr 1e6 with nan_policy=stop": ("exit 1 at the first bad step, no checkpoint after it",
                                 nan_stop),
     "lr 1e6 with nan_policy=skip": ("finishes, skips counted, finite checkpoints", nan_skip),
+    "checkpoint write fails (disk full)": (
+        "stop: one error, earlier checkpoints intact; continue: finishes", checkpoint_write_fails),
+    "metrics write fails (read-only)": ("continue: a warning, training finishes",
+                                        metrics_write_fails),
     "--workdir is a file": ("one error line, exit 1", workdir_is_a_file),
     "missing --config file": ("one error line, exit 1", missing_config_file),
     "out-of-range value": ("one error line naming the key", out_of_range_value),

@@ -17,6 +17,7 @@ OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
 SCHEDULES = ("constant", "cosine", "step", "polynomial")
 WEIGHT_DECAY_MODES = ("l2", "decoupled")
 NAN_POLICIES = ("stop", "skip")
+WRITE_ERROR_POLICIES = ("stop", "continue")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -98,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0  # 0: once per epoch.
   c.checkpoint_every_steps = 0  # 0: once per epoch.
   c.keep_checkpoints = 3
+  c.on_write_error = "stop"  # a failed checkpoint or metrics write: "stop" (exit 1) or "continue".
   c.best_checkpoint_metric = "eval/accuracy"
   c.progress_bar = True
   c.linear_probe_dataset = ""  # a dataset name: few-shot linear probes at every evaluation.
@@ -125,6 +127,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   one_of("schedule", SCHEDULES)
   one_of("weight_decay_mode", WEIGHT_DECAY_MODES)
   one_of("nan_policy", NAN_POLICIES)
+  one_of("on_write_error", WRITE_ERROR_POLICIES)
   one_of("preprocessing", PRESETS)
   check(0 <= config.holdout_fraction < 1, "holdout_fraction", "must be in [0, 1)")
   check(config.mixup_alpha >= 0, "mixup_alpha", "must be >= 0 (0 disables mixup)")

@@ -208,6 +208,23 @@ class NonFiniteError(RuntimeError):
   """Training stopped on non-finite values, as `config.nan_policy` asks."""
 
 
+class WriteError(RuntimeError):
+  """A checkpoint or metrics write failed and `config.on_write_error` is "stop"."""
+
+
+def guarded_write(what: str, write: Callable[[], Any], config: ml_collections.ConfigDict
+                  ) -> None:
+  """Runs `write`; an OSError (disk full, read-only) stops the run or, per config, warns."""
+  try:
+    write()
+  except OSError as e:
+    message = f"could not write {what}: {e.strerror or e}"
+    if config.on_write_error == "stop":
+      raise WriteError(f"{message}. The checkpoints written before it are intact; free space or "
+                       "fix permissions, then run the same command to resume.") from e
+    logging.warning("%s; training goes on (config.on_write_error=continue)", message)
+
+
 def check_finite(history: list[dict[str, np.ndarray]], first_step: int,
                  config: ml_collections.ConfigDict, consecutive_skips: int) -> int:
   """Applies `config.nan_policy` to the host metrics of steps first_step, first_step+1, ...
@@ -316,7 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           elapsed = time.perf_counter() - interval_start - interval_eval_seconds
           train_metrics["train/images_per_sec"] = interval_steps * config.batch_size / elapsed
           train_metrics["train/epoch"] = step / exp.steps_per_epoch
-          writer.write(step, train_metrics)
+          guarded_write(f"metrics at step {step}",
+                        functools.partial(writer.write, step, train_metrics), config)
           progress.set_postfix(loss=f"{train_metrics['train/loss']:.3f}",
                                img_per_s=f"{train_metrics['train/images_per_sec']:.0f}")
           pending_metrics.clear()
@@ -326,8 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if evaluated:
           eval_start = time.perf_counter()
           eval_metrics = evaluate(exp, state)
-          writer.write(step, eval_metrics)
-          writer.plot()
+          guarded_write(f"eval metrics at step {step}",
+                        lambda: (writer.write(step, eval_metrics), writer.plot()), config)
           if is_main_process:
             progress.write(
                 f"step {step}/{exp.total_steps} (epoch {step / exp.steps_per_epoch:.1f}): "
@@ -335,9 +353,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 f"accuracy {eval_metrics['eval/accuracy']:.2%}, "
                 f"top-5 {eval_metrics['eval/top5_accuracy']:.2%}")
           interval_eval_seconds += time.perf_counter() - eval_start  # not training throughput
-        if checkpointed:
-          checkpointing.save(manager, dp.get_state(state), data_position(exp, step), info,
-                             metrics=eval_metrics if evaluated else None)
+        if checkpointed:  # (a failed asynchronous write surfaces at the next save)
+          guarded_write(f"the checkpoint at step {step}", functools.partial(
+              checkpointing.save, manager, dp.get_state(state), data_position(exp, step), info,
+              metrics=eval_metrics if evaluated else None), config)
         if stopping:
           manager.wait_until_finished()
           if is_main_process:
