@@ -102,9 +102,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float | None]
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
+    colors = dict(zip(scales, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
+                               "tab:brown", "tab:pink", "tab:grey")))
     for label, curve in curves.items():
-      ax.plot(np.arange(1, len(curve) + 1), curve, label=label,
-              linestyle="-" if "residual" in label else "--")
+      scale = float(label.split(",")[0][len("s="):])
+      ax.plot(np.arange(1, len(curve) + 1), curve, label=label, color=colors.get(scale),
+              linestyle="-" if "residual" in label else "--", linewidth=1)
     ax.axhline(args.target_mse, color="grey", linewidth=0.8)
     ax.set(xscale="log", yscale="log", xlabel="SGD step", ylabel="mean squared error",
            title="Fitting H(x) = s·x with a two-layer ReLU network")

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 
 import jax
 import pytest
@@ -137,3 +138,23 @@ def test_input_bench_names_a_missing_dataset(tmp_path, capsys):
     input_bench.main(["--dataset", f"folder:{tmp_path}/none", "--data-dir", str(tmp_path)])
   assert exit_info.value.code == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_degradation_curves_table_numbers_and_plot_come_from_each_runs_metrics(tmp_path):
+  from resnet_jax.bench import degradation
+  run_dirs = {}
+  for model, (train_acc, val_acc) in {"plain20": (0.5, 0.45), "plain56": (0.2, 0.15),
+                                      "resnet20": (0.6, 0.55), "resnet56": (0.7, 0.65)}.items():
+    run_dirs[model] = str(tmp_path / model)
+    os.makedirs(run_dirs[model])
+    with open(os.path.join(run_dirs[model], "metrics.jsonl"), "w") as f:
+      for step in (10, 20):  # 10 steps of 128 at 64 img/s: 20 s per interval
+        f.write(json.dumps({"step": step, "train/accuracy": train_acc * step / 20,
+                            "train/images_per_sec": 64.0}) + "\n")
+      f.write(json.dumps({"step": 20, "eval/accuracy": val_acc}) + "\n")
+  curves = degradation.error_curves(run_dirs["plain56"])
+  assert curves["train"] == ([10, 20], [0.9, 0.8]) and curves["val"] == ([20], [0.85])
+  assert degradation.final_train_error(run_dirs["plain56"], last=2) == pytest.approx(0.85)
+  assert degradation.training_minutes(run_dirs["plain56"], 128) == pytest.approx(40 / 60)
+  degradation.plot(run_dirs, str(tmp_path / "degradation.png"), steps=20)
+  assert os.path.getsize(tmp_path / "degradation.png") > 0
