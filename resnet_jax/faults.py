@@ -3,7 +3,7 @@
   python -m resnet_jax.faults [--workdir DIR] [--only NAME,...]
 
 Every fault runs the README's train command (ResNet-20 on the embedded digits, a few
-dozen steps) in a subprocess, injects the fault (a signal, a damaged checkpoint, a huge
+dozen steps) in a subprocess (or, for the write failures, in this process), injects the fault (a signal, a damaged checkpoint, a huge
 learning rate, a bad path or value, a folder of broken images) and checks what a user
 would see: the exit code, the one error line, the checkpoints left behind, and, where a
 run resumes, that its final weights equal an uninterrupted run's bit for bit. The runs
@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(REPO, "train.py")
 STEPS = 40  # of the shared short run: checkpoints every 10, logs every 5
 SHORT_RUN = (f"--config.num_train_steps={STEPS}", "--config.log_every_steps=5",
-             "--config.checkpoint_every_steps=10", "--config.eval_every_steps=20",
+             "--config.checkpoint_every_steps=10", "--config.eval_every_steps=40",
              "--config.batch_size=32")
 
 

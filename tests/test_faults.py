@@ -2,6 +2,10 @@
 
 import json
 import os
+import re
+import signal
+import threading
+import time
 
 import chex
 import pytest
@@ -22,7 +26,16 @@ def runs(tmp_path_factory, digits_data_dir):
   return faults.Runs(str(tmp_path_factory.mktemp("faults")), digits_data_dir)
 
 
-@pytest.mark.parametrize("fault", list(faults.FAULTS))
+# Rows that start several train.py processes (~15 s each here) run with `pytest -m slow` and
+# in `python -m resnet_jax.faults`; the fast suite has in-process checks of the same paths.
+SLOW_FAULTS = ("SIGTERM mid-run", "kill -9 three times at random moments",
+               "latest checkpoint truncated", "lr 1e6 with nan_policy=stop",
+               "lr 1e6 with nan_policy=skip", "image folder with random bytes and a truncated PNG")
+
+
+@pytest.mark.parametrize("fault", [
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_FAULTS else name
+    for name in faults.FAULTS])
 def test_fault(fault, runs):
   outcome = faults.run_fault(fault, runs)
   assert outcome.passed, f"{fault}: expected {outcome.expected}; {outcome.happened}"
@@ -52,3 +65,26 @@ def test_a_workdir_that_is_a_file_or_cannot_be_created_is_one_clear_error(tmp_pa
     loop.prepare_workdir(str(a_file))
   with pytest.raises(ValueError, match="cannot create --workdir=.*: Not a directory"):
     loop.prepare_workdir(str(a_file / "run"))
+
+
+def test_sigterm_stops_after_the_current_step_with_a_checkpoint_and_resumes_bitwise(
+    config, tmp_path, capsys):
+  config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 40, 2, 1000
+  metrics = tmp_path / "interrupted" / "metrics.jsonl"
+
+  def send_sigterm_once_training():
+    while not (metrics.exists() and metrics.read_text()):
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=send_sigterm_once_training, daemon=True).start()
+  assert loop.train_and_evaluate(config, str(tmp_path / "interrupted")) == {}
+  stopped = re.search(r"Stopped by SIGTERM after step (\d+) of 40", capsys.readouterr().out)
+  assert stopped
+  assert os.listdir(tmp_path / "interrupted" / "checkpoints") == [stopped.group(1)]
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+
+  loop.train_and_evaluate(config, str(tmp_path / "interrupted"))
+  loop.train_and_evaluate(config, str(tmp_path / "reference"))
+  chex.assert_trees_all_equal(pretrained.load(str(tmp_path / "interrupted")).variables,
+                              pretrained.load(str(tmp_path / "reference")).variables)

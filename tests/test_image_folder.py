@@ -324,6 +324,7 @@ def run_train(config: str, dataset: str, workdir, data_dir: str, *overrides: str
       cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # ~35 s; the fault suite's broken-images row trains train.py on a folder too
 def test_train_py_trains_on_an_image_folder_with_the_folder_config(folder, data_dir, tmp_path):
   result = run_train("configs/folder.py", f"folder:{folder}", tmp_path / "run", data_dir,
                      "--config.num_train_steps=3", "--config.batch_size=8",
