@@ -85,6 +85,18 @@ def one_batch(network: Network, data_dir: str | None, batch_size: int, seed: int
           batch["label"])
 
 
+def batches(nets: Sequence[Network], data_dir: str | None, batch_size: int, seed: int
+            ) -> list[tuple[jax.Array, jax.Array]]:
+  """`one_batch` for each network, read once for networks that take the same input."""
+  keys = [(n.dataset, n.image_size, n.preprocessing, n.mean, n.std, n.model.in_channels)
+          for n in nets]
+  read = {}
+  for key, net in zip(keys, nets):
+    if key not in read:
+      read[key] = one_batch(net, data_dir, batch_size, seed)
+  return [read[key] for key in keys]
+
+
 def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -125,8 +137,7 @@ def gradient_flow_rows(nets: Sequence[Network], data_dir: str | None, batch_size
                        seed: int) -> list[dict[str, Any]]:
   """One row per (network, block): its input- and parameter-gradient norms."""
   rows = []
-  for net in nets:
-    images, labels = one_batch(net, data_dir, batch_size, seed)
+  for net, (images, labels) in zip(nets, batches(nets, data_dir, batch_size, seed)):
     input_norms, param_norms = block_gradients(net.model, net.variables, images, labels)
     for i, block in enumerate(input_norms):
       rows.append({"model": net.label, "block": block, "depth_index": i,
@@ -138,8 +149,7 @@ def layer_response_rows(nets: Sequence[Network], data_dir: str | None, batch_siz
                         seed: int) -> list[dict[str, Any]]:
   """One row per (network, block): the std of its residual branch's output."""
   rows = []
-  for net in nets:
-    images, _ = one_batch(net, data_dir, batch_size, seed)
+  for net, (images, _) in zip(nets, batches(nets, data_dir, batch_size, seed)):
     stds = branch_response_stds(net.model, net.variables, images, train=not net.trained)
     rows += [{"model": net.label, "block": block, "depth_index": i, "response_std": std}
              for i, (block, std) in enumerate(stds.items())]

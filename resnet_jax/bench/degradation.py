@@ -46,8 +46,8 @@ def error_curves(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
   records = reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   curves = {}
   for split, key in (("train", "train/accuracy"), ("val", "eval/accuracy")):
-    points = [(int(r["step"]), 1.0 - r[key]) for r in records if key in r]
-    curves[split] = ([s for s, _ in points], [e for _, e in points])
+    steps, accuracies = reporting.metric_curve(records, key)
+    curves[split] = (steps, [1.0 - a for a in accuracies])
   return curves
 
 

@@ -116,9 +116,8 @@ def _minutes(seconds: float | None) -> str:
 
 
 def _accuracy_curve(workdir: str) -> tuple[list[int], list[float]]:
-  records = [r for r in reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-             if "eval/accuracy" in r]
-  return [int(r["step"]) for r in records], [r["eval/accuracy"] for r in records]
+  records = reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  return reporting.metric_curve(records, "eval/accuracy")
 
 
 def plot(runs: dict[str, str], path: str) -> None:

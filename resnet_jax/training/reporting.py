@@ -35,6 +35,12 @@ def read_metrics(path: str) -> list[dict[str, float]]:
   return records
 
 
+def metric_curve(records: list[dict[str, float]], key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of `key` over the records that have it, in file order."""
+  points = [(int(r["step"]), r[key]) for r in records if key in r]
+  return [step for step, _ in points], [value for _, value in points]
+
+
 def _write_records(path: str, records: list[dict[str, float]]) -> None:
   """Replaces `path` atomically with `records`, one JSON object per line."""
   temporary_path = path + ".tmp"
@@ -88,10 +94,10 @@ class MetricsWriter:
     fig = Figure(figsize=(12, 4.5))  # Not pyplot: no display and no global figure state.
     for ax, (title, yscale, keys) in zip(fig.subplots(1, len(CURVE_PANELS)), CURVE_PANELS):
       for key in keys:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
+        steps, values = metric_curve(records, key)
+        if steps:
           # Markers keep sparse eval points (a single one, in a one-epoch run) visible.
-          ax.plot(*zip(*points), label=key, marker="o" if key.startswith("eval/") else None,
+          ax.plot(steps, values, label=key, marker="o" if key.startswith("eval/") else None,
                   markersize=3)
       ax.set_title(title)
       ax.set_xlabel("step")
