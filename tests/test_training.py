@@ -97,8 +97,10 @@ def test_resume_after_n_steps_then_m_more_is_bitwise_identical_to_n_plus_m(confi
   chex.assert_trees_all_equal(resumed.rng, whole.rng)
   # The resumed run appended to metrics.jsonl: no step twice, none missing.
   with open(tmp_path / "interrupted" / "metrics.jsonl") as f:
-    train_steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
-  assert train_steps == [2, 3, 4, 5]
+    records = list(map(json.loads, f))
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 3, 4, 5]
+  # Each start timed its way to its first step (1, then 4 after resuming at 3).
+  assert [r["step"] for r in records if r.get("startup/seconds_to_first_step", 0) > 0] == [1, 4]
 
 
 def test_checkpoint_from_8_device_pmap_restores_under_jit_and_resumes_on_one_device(

@@ -7,6 +7,8 @@ before anything is traced or compiled and names the offending key in its error.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from resnet_jax.data.pipeline import PRESETS
@@ -92,6 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.nan_policy = "stop"
   c.max_consecutive_skips = 10
   c.seed = 0
+  # Compiled programs are kept here and reused by the next run ("": no cache); JAX's own
+  # JAX_COMPILATION_CACHE_DIR, when set, is the default. Whoever can write to it can run
+  # code in your runs: keep it private.
+  c.compilation_cache_dir = (os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                             or "~/.cache/resnet_jax/xla")
 
   # Logging, evaluation and checkpoints.
   c.log_every_steps = 50

@@ -23,7 +23,7 @@ from resnet_jax import data, linear_probe, pretrained
 from resnet_jax.data.device_ops import InputTransform
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.training import (checkpointing, optimizers, parallel, preemption, reporting,
-                                 steps)
+                                 startup, steps)
 from resnet_jax.training.config import validate_config
 from resnet_jax.training.train_state import TrainState, create_train_state
 
@@ -272,7 +272,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   then returns {} (see `preemption`). Non-finite values are handled as `config.nan_policy`
   says (NonFiniteError when training must stop).
   """
+  validate_config(config)
   prepare_workdir(workdir)
+  startup.use_compilation_cache(config.compilation_cache_dir)
+  with startup.StartupClock() as startup_clock:
+    return _train_and_evaluate(config, workdir, startup_clock)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        startup_clock: startup.StartupClock) -> dict[str, float]:
   exp = setup(config)
   is_main_process = jax.process_index() == 0
   manager = checkpointing.make_checkpoint_manager(workdir, config.keep_checkpoints,
@@ -308,6 +316,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with preemption.StopSignal(check_every=config.log_every_steps) as stop_signal:
       for step in range(start_step + 1, exp.total_steps + 1):
         state, metrics = dp.train_step(state, next(batches))
+        if step == start_step + 1:  # one wait, to time this process's startup
+          startup_metrics = startup_clock.summary_after(metrics)
+          guarded_write("startup metrics", functools.partial(writer.write, step,
+                                                             startup_metrics), config)
+          if is_main_process:
+            progress.write(startup.describe(startup_metrics))
         pending_metrics.append(metrics)
         interval_steps += 1
         progress.update(1)

@@ -1,0 +1,55 @@
+"""The persistent compilation cache and the startup clock."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax.training import startup
+
+
+@pytest.fixture
+def restore_jax_cache_config():
+  saved = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
+  yield
+  startup.use_compilation_cache(saved[1] if saved[0] else "")
+
+
+def compile_fresh_copy() -> None:
+  """Compiles a new function object (no in-memory cache applies) and runs it."""
+  jax.block_until_ready(jax.jit(lambda x: jnp.tanh(x) @ x.T)(np.ones((8, 8), np.float32)))
+
+
+def test_a_second_compilation_reads_the_program_from_the_cache_dir(tmp_path,
+                                                                   restore_jax_cache_config):
+  startup.use_compilation_cache(str(tmp_path / "cache"))
+  with startup.StartupClock() as first:
+    compile_fresh_copy()
+  with startup.StartupClock() as second:
+    compile_fresh_copy()
+  assert (first.cache_hits, first.cache_misses) == (0, 1)
+  assert (second.cache_hits, second.cache_misses) == (1, 0)
+  assert first.compile_seconds > 0 and first.trace_seconds > 0
+  assert len(list((tmp_path / "cache").iterdir())) >= 1
+
+
+def test_an_empty_cache_dir_turns_the_cache_off(restore_jax_cache_config):
+  startup.use_compilation_cache("")
+  with startup.StartupClock() as clock:
+    compile_fresh_copy()
+  assert not jax.config.jax_enable_compilation_cache
+  assert clock.cache_hits == clock.cache_misses == 0 and clock.compile_seconds > 0
+
+
+def test_a_cache_dir_that_is_a_file_is_one_clear_error(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a directory")
+  with pytest.raises(ValueError, match="compilation_cache_dir=.* is a file"):
+    startup.use_compilation_cache(str(a_file))
+
+
+def test_the_startup_summary_names_the_time_to_the_first_step_and_the_compile_part():
+  with startup.StartupClock() as clock:
+    summary = clock.summary_after(jnp.ones(3))
+  assert 0 < summary["startup/seconds_to_first_step"] < 24 * 3600  # since this process began
+  assert "First step after" in startup.describe(summary)
