@@ -7,7 +7,9 @@ any of them:
 - one checkpoint of a workdir, `WORKDIR/checkpoints/<step>/` (items `state`, `data`, `model`);
 - the output of `python -m resnet_jax.convert` or `save` (items `variables`, `model`).
 From a training checkpoint only the eval variables are read (the EMA of params when the run
-kept one), never the optimizer state.
+kept one), never the optimizer state. Weights are always written and returned in the unrolled
+layout (one `layer{i}_{j}` per block, torchvision's); `merge` converts them for a model with
+`scan_blocks=True` (see `models.scan`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from resnet_jax.data.dataset_info import IMAGENET_MEAN, IMAGENET_STD
-from resnet_jax.models import ResNet, create_model
+from resnet_jax.models import ResNet, create_model, scan
 
 PyTree = Any
 MODEL_ITEM = "model"  # JSON ModelInfo, in training checkpoints and converted weights alike
@@ -77,7 +79,9 @@ def save(directory: str, variables: dict[str, PyTree], info: ModelInfo) -> None:
   """Writes `variables` and `info` as an orbax checkpoint in `directory` (must not exist).
 
   Checks first that the variables fit `info`'s model, so nothing unusable is written.
+  Variables of a scanned model are written unrolled.
   """
+  variables = scan.to_unrolled(variables)
   check_variables_fit(variables, info)
   directory = os.path.abspath(directory)
   if os.path.exists(directory):
@@ -149,7 +153,7 @@ def load(path: str) -> Pretrained:
   params = arrays.get("ema_params") or arrays.get("params")
   if params is None:
     raise ValueError(f"{item_dir} holds no params")
-  variables = {"params": params, "batch_stats": arrays.get("batch_stats", {})}
+  variables = scan.to_unrolled({"params": params, "batch_stats": arrays.get("batch_stats", {})})
   check_variables_fit(variables, info)
   logging.info("Loaded %s weights from %s", info.model, path)
   return Pretrained(variables=variables, info=info, path=path)
@@ -203,12 +207,13 @@ def _without_head(shapes: dict[str, tuple]) -> dict[str, tuple]:
 
 def merge(template: dict[str, PyTree], loaded: dict[str, PyTree], *, replace_head: bool,
           source: str) -> dict[str, PyTree]:
-  """`loaded` variables in `template`'s structure and dtypes; with `replace_head`, the
-  template's (fresh) classifier head is kept instead of the loaded one.
+  """`loaded` variables in `template`'s structure, layout (scanned or not) and dtypes; with
+  `replace_head`, the template's (fresh) classifier head is kept instead of the loaded one.
 
   Raises ValueError when the head's class count differs and `replace_head` is off (saying to
   set it), or when any other variable is missing or mis-shaped (listing them).
   """
+  loaded = scan.in_layout_of(loaded, template)
   want = _flat_shapes(template)
   have = _flat_shapes({k: loaded.get(k, {}) for k in template})
   head = "params/fc/kernel"

@@ -137,9 +137,10 @@ def drop_path(module: nn.Module, x: Array, rate: float, train: bool) -> Array:
   """Stochastic depth: zeroes the whole residual branch of some examples in training.
 
   Randomness comes from the module's explicit "drop_path" PRNG stream; eval is the identity.
+  `rate` may be traced (a scanned input of scanned blocks).
   """
-  if rate == 0.0 or not train:
+  if not train or (isinstance(rate, (int, float)) and rate == 0.0):
     return x
   keep_prob = 1.0 - rate
   keep = jax.random.bernoulli(module.make_rng("drop_path"), keep_prob, (x.shape[0], 1, 1, 1))
-  return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
+  return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))

@@ -7,12 +7,14 @@ Variables: `params` (weights) and `batch_stats` (BatchNorm running mean/var). Ca
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.models import scan
 from resnet_jax.models.blocks import ResidualBlock
 from resnet_jax.models.layers import conv_padding, make_conv, make_norm, max_pool_3x3_s2
 
@@ -50,6 +52,16 @@ class ResNet(nn.Module):
   in_channels: int = 3
   dtype: Any = jnp.float32  # compute dtype.
   param_dtype: Any = jnp.float32  # storage dtype of params and BatchNorm statistics.
+  # Each stage's blocks after the first run as one nn.scan: variables stacked in layer{i}_scan
+  # (see models/scan.py for the layout and its converters); compile time stops growing with depth.
+  scan_blocks: bool = False
+  remat: bool = False  # recompute each block's activations in the backward pass (less memory).
+  remat_policy: str = "nothing_saveable"  # what remat keeps: one of scan.REMAT_POLICIES.
+
+  def drop_path_rates(self) -> list[float]:
+    """Stochastic-depth rate of each block in order: 0 for the first, drop_path_rate last."""
+    num_blocks = sum(self.stage_sizes)
+    return [self.drop_path_rate * k / max(num_blocks - 1, 1) for k in range(num_blocks)]
 
   @property
   def min_image_size(self) -> int:
@@ -79,18 +91,24 @@ class ResNet(nn.Module):
     x = jnp.asarray(x, self.dtype)
     x = self.apply_stem(x, conv, norm, preactivation)
 
-    num_blocks = sum(self.stage_sizes)
-    block_index = 0
+    block_cls = scan.rematted(self.block_cls, self.remat_policy) if self.remat else self.block_cls
+    rates = iter(self.drop_path_rates())
     for i, stage_size in enumerate(self.stage_sizes):
-      for j in range(stage_size):
-        x = self.block_cls(
-            planes=self.width * 2**i, conv=conv, norm=norm,
-            strides=2 if i > 0 and j == 0 else 1, shortcut=self.shortcut,
-            stride_in_1x1=self.stride_in_1x1, groups=self.groups,
-            width_per_group=self.width_per_group, se_ratio=self.se_ratio,
-            drop_path_rate=self.drop_path_rate * block_index / max(num_blocks - 1, 1),
-            zero_init_residual=self.zero_init_residual, name=f"layer{i + 1}_{j}")(x, train)
-        block_index += 1
+      stage_rates = [next(rates) for _ in range(stage_size)]
+      fields = dict(
+          planes=self.width * 2**i, conv=conv, norm=norm, shortcut=self.shortcut,
+          stride_in_1x1=self.stride_in_1x1, groups=self.groups,
+          width_per_group=self.width_per_group, se_ratio=self.se_ratio,
+          zero_init_residual=self.zero_init_residual)
+      x = block_cls(**fields, strides=2 if i > 0 else 1, drop_path_rate=stage_rates[0],
+                    name=f"layer{i + 1}_0")(x, train)
+      if self.scan_blocks and stage_size > 1:  # blocks 1..n-1 have one shape: trace one
+        x = scan.scanned_blocks(
+            functools.partial(self.block_cls, **fields), x, stage_rates[1:], train=train,
+            remat_policy=self.remat_policy if self.remat else None, name=f"layer{i + 1}_scan")
+      else:
+        for j in range(1, stage_size):
+          x = block_cls(**fields, drop_path_rate=stage_rates[j], name=f"layer{i + 1}_{j}")(x, train)
 
     if preactivation:  # v2 ends with the norm + ReLU that the last block did not apply.
       x = nn.relu(norm(x.shape[-1], "bn_final")(x))

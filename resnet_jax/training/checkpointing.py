@@ -20,6 +20,7 @@ from flax import serialization
 from jax.experimental import multihost_utils
 
 from resnet_jax import pretrained
+from resnet_jax.models import scan
 from resnet_jax.training.train_state import TrainState
 
 STATE_ITEM = pretrained.STATE_ITEM
@@ -66,7 +67,11 @@ def _stored_state_mismatches(step_dir: str, target: dict[str, Any]) -> list[str]
         epath.Path(step_dir, STATE_ITEM)).tree
   except Exception:  # noqa: BLE001 - any failure to read it means damage
     return None
-  return pretrained.variable_mismatches(target, stored)
+  mismatches = pretrained.variable_mismatches(target, stored)
+  if mismatches and scan.is_scanned(stored) != scan.is_scanned(target):
+    mismatches.insert(0, f"it was written with config.scan_blocks={scan.is_scanned(stored)}, "
+                         "which this config must match")
+  return mismatches
 
 
 def move_aside(manager: ocp.CheckpointManager, step: int) -> str:

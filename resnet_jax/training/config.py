@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from resnet_jax.data.pipeline import PRESETS
+from resnet_jax.models.scan import REMAT_POLICIES
 
 PARALLELISM_MODES = ("jit", "pmap")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -31,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.zero_init_residual = False
   c.drop_path_rate = 0.0
   c.dtype = "float32"  # compute dtype; params and BatchNorm statistics stay float32.
+  c.scan_blocks = False  # each stage's repeated blocks as one nn.scan: compiles faster.
+  c.remat = False  # recompute each block's activations in the backward pass: less memory.
+  c.remat_policy = "nothing_saveable"  # what remat keeps (a jax.checkpoint_policies name).
 
   # Fine-tuning (from a workdir, a checkpoint, or the output of resnet_jax.convert).
   c.init_from = ""  # start from these weights (a checkpoint in the workdir still wins).
@@ -154,6 +158,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(0 <= config.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
   check(0 <= config.ema_decay < 1, "ema_decay", "must be in [0, 1)")
   check(0 <= config.drop_path_rate < 1, "drop_path_rate", "must be in [0, 1)")
+  one_of("remat_policy", REMAT_POLICIES)
+  check(not (config.scan_blocks and config.optimizer in ("lars", "lamb")), "optimizer",
+        "computes trust ratios per variable, so with config.scan_blocks=True one ratio would "
+        "cover a stage's stacked blocks; use sgd or adamw, or scan_blocks=False")
   check(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
   check(config.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (0 disables clipping)")
   check(config.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -60,8 +59,11 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_e
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """True for conv and dense kernels; False for biases and norm scales/offsets (ndim <= 1)."""
-  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+  """True for conv and dense kernels; False for biases and norm scales/offsets.
+
+  By name, not ndim: scanned blocks (`scan_blocks`) stack norm scales into 2-D arrays.
+  """
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
 def _with_weight_decay(gradient_statistics: optax.GradientTransformation,
