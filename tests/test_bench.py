@@ -34,10 +34,16 @@ def run_main(main, argv, json_path):
 
 
 @pytest.fixture(scope="module", params=["jit", "pmap"])
-def throughput_run(request, tmp_path_factory):
+def throughput_comparison(request, tmp_path_factory):
   argv = ["--model", "resnet20", *TINY_RUN, "--parallelism", request.param, "--steps", "2",
           "--warmup-steps", "1", "--matmul-size", "64", "--matmul-reps", "2"]
   return run_main(throughput.main, argv, tmp_path_factory.mktemp("bench") / "throughput.json")
+
+
+@pytest.fixture(scope="module")
+def throughput_run(throughput_comparison):
+  record, printed = throughput_comparison
+  return record["ours"], printed
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +86,15 @@ def test_throughput_prints_the_summary(throughput_run):
   for label in ("compile + first step", "step time", "images/sec", "matmul ceiling", "ratio"):
     assert label in printed
   assert f"{record['images_per_sec']:.1f}" in printed
+
+
+def test_throughput_times_the_plain_conv_path_in_the_same_run(throughput_comparison):
+  record, printed = throughput_comparison
+  ours, plain = record["ours"], record["plain"]
+  assert (ours["conv_1x1"], plain["conv_1x1"]) == ("dot", "conv")  # "auto" on CPU: dot
+  assert record["speedups"]["plain"] == pytest.approx(
+      ours["images_per_sec"] / plain["images_per_sec"])
+  assert record["torch"] == [] and "ours / plain:" in printed
 
 
 def test_throughput_flags_a_batch_that_does_not_split_over_devices(capsys):

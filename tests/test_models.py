@@ -262,3 +262,30 @@ def test_summary_rows_add_up_to_total_parameters():
   summary = summarize(resnet_jax.create_model("resnet18"), 64, depth=1)
   assert sum(r.num_params for r in summary.rows) == summary.num_params
   assert "resnet18" in format_summary("resnet18", summary)
+
+
+@pytest.mark.parametrize("stride_in_1x1", [False, True])
+def test_1x1_convs_as_matmuls_equal_xla_convolutions_in_outputs_and_gradients(stride_in_1x1):
+  # Two narrow bottleneck stages: strided and unstrided 1×1 convs, and a strided projection.
+  dot, conv = (resnet_jax.ResNet(stage_sizes=(1, 2), block_cls=BottleneckBlock, width=8,
+                                 num_classes=5, stride_in_1x1=stride_in_1x1, conv_1x1=impl)
+               for impl in ("dot", "conv"))
+  x = jax.random.normal(jax.random.key(0), (4, 19, 19, 3))  # odd sides: ceil in strided slices
+  variables = conv.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal_shapes_and_dtypes(dot.init(jax.random.key(1), x), variables)
+
+  def loss(model, params):
+    logits = model.apply({**variables, "params": params}, x)
+    return jnp.sum(logits**2), logits
+
+  (_, dot_logits), dot_grads = jax.value_and_grad(
+      functools.partial(loss, dot), has_aux=True)(variables["params"])
+  (_, conv_logits), conv_grads = jax.value_and_grad(
+      functools.partial(loss, conv), has_aux=True)(variables["params"])
+  chex.assert_trees_all_close(dot_logits, conv_logits, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(dot_grads, conv_grads, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_conv_1x1_choice_names_the_choices():
+  with pytest.raises(ValueError, match="conv_1x1='fast': must be one of auto, dot, conv"):
+    resnet_jax.create_model("resnet18", conv_1x1="fast").init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))

@@ -53,3 +53,22 @@ def test_the_startup_summary_names_the_time_to_the_first_step_and_the_compile_pa
     summary = clock.summary_after(jnp.ones(3))
   assert 0 < summary["startup/seconds_to_first_step"] < 24 * 3600  # since this process began
   assert "First step after" in startup.describe(summary)
+
+
+def test_the_startup_bench_table_compares_the_second_start_with_the_first():
+  from resnet_jax.bench.startup import KEYS, format_table
+  first = dict(zip(KEYS, (15.0, 6.0, 1.0, 0.0, 19.0)))
+  second = dict(zip(KEYS, (7.5, 0.6, 1.0, 19.0, 0.0)))
+  table = format_table([first, second])
+  assert "19 of 19" in table and "0 of 19" in table
+  assert "compiling 10.0%, to first step 50.0%" in table
+
+
+@pytest.mark.slow
+def test_the_startup_bench_runs_train_py_twice_and_the_second_reads_the_cache(capsys,
+                                                                             digits_data_dir):
+  from resnet_jax.bench import startup as startup_bench
+  startup_bench.main([f"--override=--config.data_dir={digits_data_dir}"])
+  rows = capsys.readouterr().out.splitlines()
+  assert rows[1].split()[0] == "1" and rows[2].split()[0] == "2"
+  assert rows[2].split()[-3] == rows[2].split()[-1]  # "N of N" programs from the cache

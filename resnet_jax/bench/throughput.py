@@ -1,13 +1,17 @@
-"""Train-step throughput against a matmul ceiling measured in the same run.
+"""Train-step throughput against a matmul ceiling, the plain conv path and torchvision.
 
   python -m resnet_jax.bench.throughput --model resnet50 --batch-size 256 --dtype bfloat16
+  python -m resnet_jax.bench.throughput --model resnet50 --batch-size 8 --dtype float32 \
+      --compare-torch
 
 Runs the real train step (`setup(config)` and its `DataParallel`, as train.py does) on
 "fake" data fed by the real `train_batches` iterator and put on the devices every step.
 It reports images/sec, the step's achieved FLOP/s (FLOPs from XLA's cost analysis), the
 FLOP/s of a large square matmul of the same dtype on the same devices, and their ratio.
-Run as a program, it turns JAX's persistent compilation cache off, so that the first step
-includes a real compilation.
+In the same run it times the plain path (every conv through XLA's convolution,
+`conv_1x1="conv"`) when ours differs from it, and with `--compare-torch` torchvision's
+model (NCHW and channels-last), and prints ours / theirs. Run as a program, it turns JAX's
+persistent compilation cache off, so that the first step includes a real compilation.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax.bench import benchmark_config, write_json
+from resnet_jax.bench import benchmark_config, torch_reference, write_json
+from resnet_jax.models.layers import CONV_1X1_IMPLS, resolve_conv_1x1
 from resnet_jax.training.config import DTYPES, PARALLELISM_MODES
 from resnet_jax.training.loop import DTYPES as JNP_DTYPES, Experiment, setup, train_batches
 
@@ -49,6 +54,7 @@ class ThroughputResult:
   image_size: int
   dtype: str
   parallelism: str
+  conv_1x1: str  # how 1×1 convs ran: "dot" (matmuls) or "conv" (XLA's convolution)
   input_feed: str
   steps: int
   warmup_steps: int
@@ -144,7 +150,8 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup_steps: in
   return ThroughputResult(
       device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
       model=config.model, batch_size=config.batch_size, image_size=exp.image_size,
-      dtype=config.dtype, parallelism=config.parallelism, input_feed=INPUT_FEED, steps=steps,
+      dtype=config.dtype, parallelism=config.parallelism,
+      conv_1x1=resolve_conv_1x1(config.conv_1x1), input_feed=INPUT_FEED, steps=steps,
       warmup_steps=warmup_steps, first_step_s=times.first_step_s,
       step_time_ms=times.step_s * 1e3, host_input_ms=times.host_input_s * 1e3,
       images_per_sec=config.batch_size / times.step_s, train_step_gflop=flops / 1e9,
@@ -158,7 +165,7 @@ def format_result(r: ThroughputResult) -> str:
   rows = [
       ("devices", f"{r.device_count} x {r.device_kind}"),
       ("model", f"{r.model}, global batch {r.batch_size}, {r.image_size}x{r.image_size}, "
-                f"{r.dtype}, {r.parallelism}"),
+                f"{r.dtype}, {r.parallelism}, 1x1 convs as {r.conv_1x1}"),
       ("input", f"{r.input_feed}; host input {r.host_input_ms:.2f} ms per step"),
       ("compile + first step", f"{r.first_step_s:.2f} s"),
       ("step time", f"{r.step_time_ms:.2f} ms (mean of {r.steps} steps after "
@@ -174,6 +181,60 @@ def format_result(r: ThroughputResult) -> str:
   return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """Ours, and what it was compared with in the same run."""
+
+  ours: ThroughputResult
+  plain: ThroughputResult | None  # every conv through XLA's convolution; None if ours is that
+  torch: list[torch_reference.TorchResult]
+
+  def speedups(self) -> dict[str, float]:
+    """Our images/sec over each reference's."""
+    ratios = {} if self.plain is None else {
+        "plain": self.ours.images_per_sec / self.plain.images_per_sec}
+    for t in self.torch:
+      ratios[f"torchvision_{t.memory_format}"] = self.ours.images_per_sec / t.images_per_sec
+    return ratios
+
+
+def compare(config: ml_collections.ConfigDict, *, steps: int, warmup_steps: int,
+            matmul_size: int, matmul_reps: int, compare_plain: bool = True,
+            compare_torch: bool = False) -> Comparison:
+  """Benchmarks `config`, then the plain conv path and torchvision, one after the other."""
+  measure = dict(steps=steps, warmup_steps=warmup_steps, matmul_size=matmul_size,
+                 matmul_reps=matmul_reps)
+  ours = benchmark(config, **measure)
+  plain = None
+  if compare_plain and ours.conv_1x1 != "conv":
+    plain_config = config.copy_and_resolve_references()
+    plain_config.conv_1x1 = "conv"
+    plain = benchmark(plain_config, **measure)
+  torch_results = [
+      torch_reference.time_torchvision(
+          config.model, batch_size=config.batch_size, image_size=ours.image_size,
+          dtype=config.dtype, steps=steps, warmup_steps=warmup_steps, channels_last=layout)
+      for layout in ((False, True) if compare_torch else ())]
+  return Comparison(ours, plain, torch_results)
+
+
+def format_comparison(c: Comparison) -> str:
+  """Our report, the plain path's, then one line per reference with ours / theirs."""
+  parts = [format_result(c.ours)]
+  if c.plain is not None:
+    parts.append("plain path (every conv through XLA's convolution):\n" + format_result(c.plain))
+  lines = [f"{'ours':<26} {c.ours.images_per_sec:>10.2f} img/s"]
+  if c.plain is not None:
+    lines.append(f"{'plain (conv_1x1=conv)':<26} {c.plain.images_per_sec:>10.2f} img/s")
+  for t in c.torch:
+    name = f"torchvision {t.memory_format}" + (f" {t.autocast_dtype} AMP" if t.autocast_dtype
+                                                else "")
+    lines.append(f"{name:<26} {t.images_per_sec:>10.2f} img/s")
+  lines += [f"ours / {name}: {ratio:.2f}x" for name, ratio in c.speedups().items()]
+  parts.append("same run, one after the other:\n" + "\n".join(lines))
+  return "\n\n".join(parts)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="resnet50")
@@ -187,22 +248,32 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help=f"side of the ceiling's square matmul (default: {CPU_MATMUL_SIZE} on "
                            f"CPU, {ACCELERATOR_MATMUL_SIZE} on accelerators)")
   parser.add_argument("--matmul-reps", type=int, default=20)
+  parser.add_argument("--conv-1x1", choices=CONV_1X1_IMPLS, default="auto",
+                      help="how our 1x1 convs run (auto: as matmuls on CPU)")
+  parser.add_argument("--no-compare-plain", dest="compare_plain", action="store_false",
+                      help="skip timing the plain path (every conv through XLA's convolution)")
+  parser.add_argument("--compare-torch", action="store_true",
+                      help="also time torchvision's model (needs torch and torchvision)")
   parser.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
   args = parser.parse_args(argv)
   if min(args.steps, args.matmul_reps, args.matmul_size or 1) < 1 or args.warmup_steps < 0:
     parser.error("--steps, --matmul-reps and --matmul-size must be >= 1, --warmup-steps >= 0")
+  if args.compare_torch and not torch_reference.torch_available():
+    parser.error("--compare-torch needs torch and torchvision: pip install torch torchvision")
   config = benchmark_config(args.model, batch_size=args.batch_size, image_size=args.image_size,
                             dtype=args.dtype, parallelism=args.parallelism,
                             num_train_steps=1 + args.warmup_steps + args.steps)
+  config.conv_1x1 = args.conv_1x1
   try:
-    result = benchmark(config, steps=args.steps, warmup_steps=args.warmup_steps,
-                       matmul_size=args.matmul_size or default_matmul_size(),
-                       matmul_reps=args.matmul_reps)
+    comparison = compare(config, steps=args.steps, warmup_steps=args.warmup_steps,
+                         matmul_size=args.matmul_size or default_matmul_size(),
+                         matmul_reps=args.matmul_reps, compare_plain=args.compare_plain,
+                         compare_torch=args.compare_torch)
   except ValueError as e:  # a bad model, batch or image size: one actionable line.
     parser.exit(2, f"error: {e}\n")
-  print(format_result(result))
+  print(format_comparison(comparison))
   if args.json:
-    write_json(args.json, dataclasses.asdict(result))
+    write_json(args.json, {**dataclasses.asdict(comparison), "speedups": comparison.speedups()})
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ class ResNet(nn.Module):
   in_channels: int = 3
   dtype: Any = jnp.float32  # compute dtype.
   param_dtype: Any = jnp.float32  # storage dtype of params and BatchNorm statistics.
+  # 1×1 convs as "dot" (matmuls), "conv" (XLA's convolution) or "auto" (dot on CPU only);
+  # the parameters are the same, so weights and checkpoints work with every choice.
+  conv_1x1: str = "auto"
   # Each stage's blocks after the first run as one nn.scan: variables stacked in layer{i}_scan
   # (see models/scan.py for the layout and its converters); compile time stops growing with depth.
   scan_blocks: bool = False
@@ -83,7 +86,7 @@ class ResNet(nn.Module):
     self.check_input(x)
     if self.stem not in STEMS:
       raise ValueError(f"stem={self.stem!r}: must be one of {STEMS}")
-    conv = make_conv(self.dtype, self.param_dtype)
+    conv = make_conv(self.dtype, self.param_dtype, self.conv_1x1)
     norm = make_norm(self.norm, train=train and not self.freeze_batch_stats, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                      axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
     preactivation = self.block_cls.preactivation

@@ -1,0 +1,78 @@
+"""torchvision's ResNet train step, timed as a reference for `bench.throughput --compare-torch`.
+
+The same model, batch and image size as ours, trained the usual PyTorch way: SGD with
+momentum 0.9 and weight decay 1e-4, cross-entropy, `zero_grad`/`backward`/`step`. Float32
+on CPU; on CUDA, bfloat16 or float16 autocast (AMP) when ours runs in those dtypes. Timed
+in NCHW and in channels-last memory format, which is faster on most CPUs and GPUs.
+Needs `torch` and `torchvision` (not dependencies of resnet_jax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchResult:
+  memory_format: str  # "nchw" or "channels_last"
+  device: str
+  autocast_dtype: str  # "" when not autocasting
+  step_time_ms: float
+  images_per_sec: float
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def time_torchvision(model: str, *, batch_size: int, image_size: int, dtype: str, steps: int,
+                     warmup_steps: int, channels_last: bool) -> TorchResult:
+  """Mean train-step time of torchvision's `model` on random images (after warm-up)."""
+  import torch
+  import torchvision
+
+  if not hasattr(torchvision.models, model):
+    raise ValueError(f"torchvision has no model {model!r} to compare with")
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+  if device == "cpu":
+    autocast = None  # CPU autocast is a different, slower path; compare float32 with float32
+  memory_format = torch.channels_last if channels_last else torch.contiguous_format
+  net = getattr(torchvision.models, model)(num_classes=1000).to(device, memory_format=memory_format)
+  optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+  scaler = torch.amp.GradScaler(device, enabled=autocast == torch.float16)
+  generator = torch.Generator().manual_seed(0)
+  images = torch.rand(batch_size, 3, image_size, image_size, generator=generator).to(
+      device, memory_format=memory_format)
+  labels = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
+
+  def step() -> None:
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=autocast or torch.float32, enabled=autocast is not None):
+      loss = torch.nn.functional.cross_entropy(net(images), labels)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+  def synchronize() -> None:
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  net.train()
+  for _ in range(max(warmup_steps, 1)):
+    step()
+  synchronize()
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+  synchronize()
+  step_s = (time.perf_counter() - start) / steps
+  return TorchResult("channels_last" if channels_last else "nchw", device,
+                     str(autocast).removeprefix("torch.") if autocast else "", step_s * 1e3,
+                     batch_size / step_s)
