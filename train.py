@@ -3,18 +3,24 @@
   python train.py                                   # digits, the embedded default
   python train.py --config=configs/cifar10_resnet20.py --workdir=runs/c10 \
       --config.batch_size=256 --config.parallelism=pmap
+  python train.py --config=configs/imagenet_resnet50_lars.py --dry_run --simulate_devices=256
 
-Re-running with the same --workdir resumes from its latest checkpoint.
+Re-running with the same --workdir resumes from its latest checkpoint. --dry_run trains
+nothing: it compiles the train step for abstract inputs and reports per-device memory,
+FLOPs, collectives and an estimated step time (resnet_jax/bench/dry_run.py).
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data is only the input pipeline here.
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from resnet_jax.bench import dry_run, step_time, write_json  # noqa: E402
 from resnet_jax.training.checkpointing import CheckpointError  # noqa: E402
 from resnet_jax.training.loop import NonFiniteError, WriteError, train_and_evaluate  # noqa: E402
 
@@ -33,6 +39,29 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/digits",
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host: call jax.distributed.initialize() first (it finds the "
     "coordinator on TPU pods, SLURM and similar clusters); run the same command on every host.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Train nothing: compile the train step for abstract inputs (no data "
+    "needed) and report per-device memory, FLOPs, collectives and an estimated step time.")
+_SIMULATE_DEVICES = flags.DEFINE_integer(
+    "simulate_devices", 0, "With --dry_run: plan for this many devices, simulated as CPU "
+    "devices (0: this machine's devices).", lower_bound=0)
+_PER_DEVICE_BATCH = flags.DEFINE_integer(
+    "per_device_batch", 0, "With --dry_run: a global batch of this many images per device "
+    "(0: config.batch_size, which must divide evenly among the devices).", lower_bound=0)
+_ACCELERATOR = flags.DEFINE_enum(
+    "accelerator", "tpu_v4", list(step_time.ACCELERATORS),
+    "With --dry_run: the device the step time is estimated for (peak FLOP/s, interconnect).")
+_PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops", 0.0, "With --dry_run: peak TFLOP/s per device (0: the preset's).",
+    lower_bound=0.0)
+_INTERCONNECT = flags.DEFINE_float(
+    "interconnect_gbytes_per_s", 0.0, "With --dry_run: interconnect GB/s (bytes) per device "
+    "and direction (0: the preset's).", lower_bound=0.0)
+_UTILIZATION = flags.DEFINE_float(
+    "utilization", 0.5, "With --dry_run: the fraction of peak FLOP/s the step is assumed to "
+    "achieve.", lower_bound=0.0, upper_bound=1.0)
+_DRY_RUN_JSON = flags.DEFINE_string("dry_run_json", "", "With --dry_run: also write the "
+                                    "report to this JSON file.")
 
 
 def config_file_error(e: OSError) -> str:
@@ -50,10 +79,25 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise SystemExit(f"error: {e}") from None
 
 
+def plan(config: ml_collections.ConfigDict) -> None:
+  """--dry_run: compiles and analyses the train step, prints the report; trains nothing."""
+  if _SIMULATE_DEVICES.value:
+    dry_run.simulate_devices(_SIMULATE_DEVICES.value)  # before anything starts JAX's backends
+  device = step_time.accelerator(_ACCELERATOR.value, _PEAK_TFLOPS.value, _INTERCONNECT.value)
+  report = dry_run.dry_run(config, per_device_batch=_PER_DEVICE_BATCH.value, device=device,
+                           utilization=_UTILIZATION.value)
+  print(dry_run.format_report(report))
+  if _DRY_RUN_JSON.value:
+    write_json(_DRY_RUN_JSON.value, dataclasses.asdict(report))
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  if _SIMULATE_DEVICES.value and not _DRY_RUN.value:
+    raise SystemExit(f"error: --simulate_devices={_SIMULATE_DEVICES.value} needs --dry_run: "
+                     "simulated devices can compile the step but not train it")
   if _DISTRIBUTED.value:  # before anything initialises JAX's backends
     jax.distributed.initialize()
   try:
@@ -61,6 +105,11 @@ def main(argv: list[str]) -> None:
     config.keys()  # a config file that failed to load raises on first use, not before
   except OSError as e:
     raise SystemExit(config_file_error(e)) from None
+  if _DRY_RUN.value:
+    try:
+      return plan(config)
+    except (ValueError, OSError) as e:
+      raise SystemExit(f"error: {e}") from None
   try:
     metrics = train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, NonFiniteError, CheckpointError, WriteError) as e:  # bad input, NaNs, a

@@ -168,6 +168,27 @@ def dataset_info(name: str, data_dir: str | None, holdout_fraction: float) -> Da
       builder_dir=builder_dir, train_split="train", eval_split=eval_split)
 
 
+def metadata_info(name: str, data_dir: str | None) -> DatasetInfo:
+  """Classes and image shape from tfds' registered metadata, for a dataset not prepared.
+
+  Enough to plan a run (a dry run) without the data; the split sizes are unknown (0).
+  """
+  known = _KNOWN.get(name)
+  try:
+    builder = tfds.builder(known.tfds_name if known else name, data_dir=data_dir or None)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError):
+    raise _unknown_name_error(name) from None
+  _check_readable(name, builder)
+  height, width, channels = builder.info.features["image"].shape
+  native_size = min(height, width) if height and width else 224
+  return DatasetInfo(
+      name=name, num_classes=builder.info.features["label"].num_classes,
+      image_shape=(native_size, native_size, channels or 3), num_train_examples=0,
+      num_eval_examples=0, class_names=tuple(builder.info.features["label"].names),
+      mean=known.mean if known else IMAGENET_MEAN, std=known.std if known else IMAGENET_STD,
+      preprocessing=known.preprocessing if known else preprocessing.default_preset(native_size))
+
+
 # Reading records: chunks of this process's range, groups, stateless shuffles.
 
 @dataclasses.dataclass(frozen=True)

@@ -45,15 +45,20 @@ class Experiment:
   checkpoint_every_steps: int
   train_step: Callable  # the pure step (what data_parallel compiles), for tools and tests
   data_parallel: parallel.DataParallel
-  initial_state: TrainState  # replicated layout, not yet put on devices
+  initial_state: TrainState  # replicated; shapes and dtypes only with `abstract_state`
   probe_dataset: data.DatasetInfo | None  # for few-shot linear probes at each evaluation
 
 
-def setup(config: ml_collections.ConfigDict) -> Experiment:
-  """Validates the config against the dataset, model and devices; builds the steps."""
+def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = None,
+          abstract_state: bool = False) -> Experiment:
+  """Validates the config against the dataset, model and devices; builds the steps.
+
+  A dry run plans without data or memory: it passes the `dataset`'s info instead of
+  reading it, and `abstract_state` makes the initial state `jax.ShapeDtypeStruct`s.
+  """
   validate_config(config)
-  info = data.get_dataset_info(config.dataset, config.data_dir or None,
-                               holdout_fraction=config.holdout_fraction)
+  info = dataset or data.get_dataset_info(config.dataset, config.data_dir or None,
+                                          holdout_fraction=config.holdout_fraction)
   parallel.check_batch_divisible(config.batch_size)
   parallel.check_batch_divisible(config.eval_batch_size or config.batch_size, "eval_batch_size")
   image_size = config.image_size or info.image_shape[0]
@@ -88,12 +93,17 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
       config, steps_per_epoch=max(steps_per_epoch // accum, 1),
       total_steps=max(total_steps // accum, 1))
   tx = optimizers.create_optimizer(config, schedule)
-  state = create_train_state(
-      jax.random.PRNGKey(config.seed), model, tx, (image_size, image_size, info.image_shape[2]),
-      use_ema=config.ema_decay > 0,
+  make_state = functools.partial(
+      create_train_state, jax.random.PRNGKey(config.seed), model, tx,
+      (image_size, image_size, info.image_shape[2]), use_ema=config.ema_decay > 0,
       loss_scale=config.loss_scale_init if config.dtype == "float16" else None)
-  if init_weights is not None:
-    state = start_from(init_weights, state, config.replace_head)
+  if abstract_state:
+    state = jax.eval_shape(make_state)
+  else:
+    state = make_state()
+    if init_weights is not None:
+      state = start_from(init_weights, state, config.replace_head)
+    state = jax.device_put(state, parallel.replicated_sharding())
 
   inputs = InputTransform(
       mean=info.mean, std=info.std, dtype=DTYPES[config.dtype], mixup_alpha=config.mixup_alpha,
@@ -112,7 +122,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
       checkpoint_every_steps=config.checkpoint_every_steps or steps_per_epoch,
       train_step=train_step,
       data_parallel=parallel.make_data_parallel(config.parallelism, train_step, eval_step),
-      initial_state=jax.device_put(state, parallel.replicated_sharding()),
+      initial_state=state,
       probe_dataset=probe_dataset)
 
 
