@@ -120,10 +120,13 @@ def test_scanned_model_stacks_each_stage_after_its_first_block():
   assert params["layer2_0"]["conv1"]["kernel"].shape == (3, 3, 16, 32)
 
 
-def test_a_stage_of_one_block_has_nothing_to_scan():
-  model = create_model("resnet20", stage_sizes=(1, 2), scan_blocks=True)
-  params = jax.eval_shape(model.init, jax.random.key(0), images())["params"]
-  assert {"layer1_0", "layer2_0", "layer2_scan"} <= set(params) and "layer1_scan" not in params
+def test_stages_of_one_or_two_blocks_are_not_looped():
+  x, sizes = images(), dict(stage_sizes=(1, 2, 3))
+  params = abstract_variables(create_model("resnet20", **sizes, scan_blocks=True), x)["params"]
+  assert sorted(k for k in params if k.startswith("layer")) == [
+      "layer1_0", "layer2_0", "layer2_1", "layer3_0", "layer3_scan"]
+  unrolled = random_variables(create_model("resnet20", **sizes), x)
+  chex.assert_trees_all_equal_shapes(scan.to_scanned(unrolled)["params"], params)
 
 
 def test_converters_round_trip_and_give_the_scanned_models_layout(resnet20):

@@ -6,6 +6,7 @@ synthetic "fake" dataset, so they need no data on disk. What they share lives he
 
 from __future__ import annotations
 
+import csv
 import json
 from typing import Any
 
@@ -36,3 +37,11 @@ def write_json(path: str, record: Any) -> None:
   with open(path, "w") as f:
     json.dump(record, f, indent=2)
     f.write("\n")
+
+
+def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+  """Writes `rows` (dicts with the same keys, in order) to `path` as CSV with a header."""
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)

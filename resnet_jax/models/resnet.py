@@ -55,8 +55,8 @@ class ResNet(nn.Module):
   # 1×1 convs as "dot" (matmuls), "conv" (XLA's convolution) or "auto" (dot on CPU only);
   # the parameters are the same, so weights and checkpoints work with every choice.
   conv_1x1: str = "auto"
-  # Each stage's blocks after the first run as one nn.scan: variables stacked in layer{i}_scan
-  # (see models/scan.py for the layout and its converters); compile time stops growing with depth.
+  # A stage's blocks after the first run as one nn.scan (stages of 3+ blocks): variables stacked
+  # in layer{i}_scan (models/scan.py: the layout, its converters); compile time stops growing.
   scan_blocks: bool = False
   remat: bool = False  # recompute each block's activations in the backward pass (less memory).
   remat_policy: str = "nothing_saveable"  # what remat keeps: one of scan.REMAT_POLICIES.
@@ -105,7 +105,7 @@ class ResNet(nn.Module):
           zero_init_residual=self.zero_init_residual)
       x = block_cls(**fields, strides=2 if i > 0 else 1, drop_path_rate=stage_rates[0],
                     name=f"layer{i + 1}_0")(x, train)
-      if self.scan_blocks and stage_size > 1:  # blocks 1..n-1 have one shape: trace one
+      if self.scan_blocks and scan.is_looped(stage_size):  # blocks 1..n-1: one shape, one trace
         x = scan.scanned_blocks(
             functools.partial(self.block_cls, **fields), x, stage_rates[1:], train=train,
             remat_policy=self.remat_policy if self.remat else None, name=f"layer{i + 1}_scan")

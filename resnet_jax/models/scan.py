@@ -4,7 +4,8 @@ A stage's blocks after the first have one shape, so `ResNet(scan_blocks=True)` t
 of them and loops it (`nn.scan`): the program, and its compile time, stop growing with
 depth. Its variables then differ in layout from the unrolled model's:
 - unrolled (canonical: torchvision names, what weights files hold): `layer{i}_{j}` per block;
-- scanned: `layer{i}_0` unchanged, blocks 1..n-1 stacked on a leading axis in `layer{i}_scan`.
+- scanned: `layer{i}_0` unchanged, blocks 1..n-1 stacked on a leading axis in `layer{i}_scan`
+  (stages of one or two blocks stay unrolled: a loop over one block would save nothing).
 `to_scanned` and `to_unrolled` convert "params" and "batch_stats" either way; the layout
 is read from the names, so `in_layout_of` converts any variables to fit a model's.
 """
@@ -32,6 +33,11 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
                   "everything_saveable")
 UNROLLED_BLOCK = re.compile(r"^layer(\d+)_(\d+)$")
 SCANNED_BLOCKS = re.compile(r"^layer(\d+)_scan$")
+
+
+def is_looped(stage_size: int) -> bool:
+  """Whether `scan_blocks` loops a stage of `stage_size` blocks: two or more after its first."""
+  return stage_size > 2
 
 
 def checkpoint_policy(name: str) -> Callable[..., bool]:
@@ -127,9 +133,11 @@ def _scan_collection(tree: dict[str, PyTree]) -> dict[str, PyTree]:
     if sorted(blocks) != list(range(len(blocks))):
       raise ValueError(f"Stage {stage} has blocks {sorted(blocks)}: they must be numbered "
                        f"layer{stage}_0, layer{stage}_1, ... without gaps")
-    out[f"layer{stage}_0"] = blocks[0]
-    if len(blocks) > 1:
+    if is_looped(len(blocks)):
+      out[f"layer{stage}_0"] = blocks[0]
       out[f"layer{stage}_scan"] = _stack(stage, [blocks[j] for j in range(1, len(blocks))])
+    else:
+      out.update({f"layer{stage}_{j}": block for j, block in blocks.items()})
   return out
 
 
