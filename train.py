@@ -39,6 +39,14 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/digits",
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host: call jax.distributed.initialize() first (it finds the "
     "coordinator on TPU pods, SLURM and similar clusters); run the same command on every host.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process where nothing finds the coordinator: host:port "
+    "where process 0 serves it, e.g. 127.0.0.1:1234 for processes on one machine (implies "
+    "--distributed, as do --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes train together.",
+                                      lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to "
+                                   "num_processes - 1.", lower_bound=0)
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Train nothing: compile the train step for abstract inputs (no data "
     "needed) and report per-device memory, FLOPs, collectives and an estimated step time.")
@@ -98,8 +106,9 @@ def main(argv: list[str]) -> None:
   if _SIMULATE_DEVICES.value and not _DRY_RUN.value:
     raise SystemExit(f"error: --simulate_devices={_SIMULATE_DEVICES.value} needs --dry_run: "
                      "simulated devices can compile the step but not train it")
-  if _DISTRIBUTED.value:  # before anything initialises JAX's backends
-    jax.distributed.initialize()
+  cluster = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _DISTRIBUTED.value or cluster != (None, None, None):  # before JAX's backends start
+    jax.distributed.initialize(*cluster)
   try:
     config = _CONFIG.value
     config.keys()  # a config file that failed to load raises on first use, not before

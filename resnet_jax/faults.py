@@ -2,24 +2,29 @@
 
   python -m resnet_jax.faults [--workdir DIR] [--only NAME,...]
 
-Every fault runs the README's train command (ResNet-20 on the embedded digits, a few
-dozen steps) in a subprocess (or, for the write failures, in this process), injects the fault (a signal, a damaged checkpoint, a huge
-learning rate, a bad path or value, a folder of broken images) and checks what a user
-would see: the exit code, the one error line, the checkpoints left behind, and, where a
-run resumes, that its final weights equal an uninterrupted run's bit for bit. The runs
-share compiled programs through XLA's persistent cache. `tests/test_faults.py` runs the
-same faults under pytest.
+Every fault runs the README's train command (ResNet-20 on the embedded digits, 20 steps on
+one CPU device) in a subprocess (or, for the write failures, in this process), injects the
+fault (a signal, a damaged checkpoint, a huge learning rate, a bad path or value, a folder
+of broken images, another number of processes) and checks what a user would see: the exit
+code, the one error line, the checkpoints left behind, and, where a run resumes, that its
+final weights equal an uninterrupted run's bit for bit. Multi-process runs are 2 train.py
+processes × 4 CPU devices on this machine (jax.distributed over localhost, gloo) that
+continue the 1-process run from its checkpoint at step 10. The runs share compiled
+programs through XLA's persistent cache. `tests/test_faults.py` runs the same faults.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,10 +36,20 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(REPO, "train.py")
-STEPS = 40  # of the shared short run: checkpoints every 10, logs every 5
+STEPS, HALF = 20, 10  # of the shared short run: checkpoints every 10, logs every 5
+# A constant learning rate makes the compiled step independent of the number of steps.
 SHORT_RUN = (f"--config.num_train_steps={STEPS}", "--config.log_every_steps=5",
-             "--config.checkpoint_every_steps=10", "--config.eval_every_steps=40",
-             "--config.batch_size=32")
+             f"--config.checkpoint_every_steps={HALF}", f"--config.eval_every_steps={STEPS}",
+             "--config.batch_size=32", "--config.schedule=constant")
+# Multi-process steps are slow on 2 cores (gloo), so multi-process runs continue the 1-process
+# reference from its checkpoint at step 10 to step 16; they log and check for a stop signal
+# every 2 steps.
+MULTIPROCESS_STEPS = 16
+MULTIPROCESS_RUN = (f"--config.num_train_steps={MULTIPROCESS_STEPS}", "--config.log_every_steps=2",
+                    "--config.checkpoint_every_steps=5")
+MULTIPROCESS_CHECKPOINTS = [HALF, 15, MULTIPROCESS_STEPS]  # the 1-process one, then their own
+MULTIPROCESS_LOGS = [5, 10, 12, 14, 16]  # train records: the 1-process run's, then process 0's
+DEVICES_PER_PROCESS = 4  # CPU devices of each process of a multi-process run; 1 for one process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +63,11 @@ class Outcome:
 
 
 class Runs:
-  """Where the fault runs live, the digits they train on, and the uninterrupted reference."""
+  """Where the fault runs live, the digits they train on, and the uninterrupted references."""
 
   def __init__(self, workdir: str, data_dir: str):
     self.workdir, self.data_dir = workdir, data_dir
-    self._reference: dict | None = None
+    self._references: dict[int, list[subprocess.CompletedProcess]] = {}  # by processes
 
   def command(self, workdir: str, *overrides: str, short_run: bool = True) -> list[str]:
     return [sys.executable, TRAIN_PY, f"--workdir={workdir}", f"--config.data_dir={self.data_dir}",
@@ -61,22 +76,74 @@ class Runs:
   def train(self, workdir: str, *overrides: str, short_run: bool = True,
             timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(self.command(workdir, *overrides, short_run=short_run),
-                          capture_output=True, text=True, timeout=timeout)
+                          env=cpu_env(1), capture_output=True, text=True, timeout=timeout)
+
+  def start(self, workdir: str, *overrides: str, processes: int = 1) -> list[subprocess.Popen]:
+    """The short run (1 CPU device), or with several processes the multi-process run."""
+    if processes == 1:
+      return [subprocess.Popen(self.command(workdir, *overrides), env=cpu_env(1),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    cluster = (f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={processes}")
+    return [subprocess.Popen(
+        self.command(workdir, *MULTIPROCESS_RUN, *cluster, f"--process_id={i}", *overrides),
+        env=cpu_env(DEVICES_PER_PROCESS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(processes)]
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, name)
 
-  def reference(self) -> dict:
-    """Final variables of the short run, uninterrupted (trained once, on first use)."""
-    if self._reference is None:
-      result = self.train(self.path("reference"))
-      if result.returncode != 0:
-        raise RuntimeError(f"the uninterrupted reference run failed:\n{result.stderr[-3000:]}")
-      self._reference = final_variables(self.path("reference"))
-    return self._reference
+  def reference(self, processes: int = 1) -> tuple[str, list[subprocess.CompletedProcess]]:
+    """The uninterrupted short run, or the multi-process run from its checkpoint at step 10:
+    the workdir and what each process returned (trained once, on first use)."""
+    workdir = self.path(f"reference_{processes}")
+    if processes not in self._references:
+      start = workdir if processes == 1 else self.reference_until(workdir, HALF)
+      results = finish(self.start(start, processes=processes))
+      if any(r.returncode != 0 for r in results):
+        raise RuntimeError(f"the uninterrupted {processes}-process reference run failed: "
+                           f"{_failure(results)}")
+      self._references[processes] = results
+    return workdir, self._references[processes]
 
-  def equals_reference(self, workdir: str) -> bool:
-    return trees_equal(final_variables(workdir), self.reference())
+  def equals_reference(self, workdir: str, processes: int = 1) -> bool:
+    return trees_equal(final_variables(workdir), final_variables(self.reference(processes)[0]))
+
+  def reference_until(self, workdir: str, step: int, processes: int = 1) -> str:
+    """A copy of the reference run as if it had stopped after `step` (a checkpoint step)."""
+    from resnet_jax.training import reporting
+    shutil.copytree(self.reference(processes)[0], workdir)
+    for later in (s for s in checkpoint_steps(workdir) if s > step):
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(later)))
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    records = [r for r in reporting.read_metrics(metrics) if r["step"] <= step]
+    with open(metrics, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+    return workdir
+
+
+def cpu_env(devices: int) -> dict[str, str]:
+  """This process's environment for a train.py on `devices` CPU devices."""
+  return {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def finish(processes: Sequence[subprocess.Popen], timeout: float = 600
+           ) -> list[subprocess.CompletedProcess]:
+  """Waits for every process; their exit codes and outputs. Kills those left on a timeout."""
+  try:
+    outputs = [p.communicate(timeout=timeout) for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+  return [subprocess.CompletedProcess(p.args, p.returncode, *output)
+          for p, output in zip(processes, outputs)]
 
 
 def final_variables(workdir: str) -> dict:
@@ -96,9 +163,26 @@ def checkpoint_steps(workdir: str) -> list[int]:
       directory) else []
 
 
+def logged_train_steps(workdir: str) -> list[int]:
+  from resnet_jax.training import reporting
+  return [int(r["step"]) for r in reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+          if "train/loss" in r]
+
+
 def last_line(text: str) -> str:
   lines = [line for line in text.strip().splitlines() if line.strip()]
   return lines[-1] if lines else ""
+
+
+def final_evals(results: Sequence[subprocess.CompletedProcess]) -> list[str]:
+  """The `Final eval: ...` line of each process ('' where it printed none)."""
+  return [next((line for line in r.stdout.splitlines() if line.startswith("Final eval")), "")
+          for r in results]
+
+
+def _failure(results: Sequence[subprocess.CompletedProcess]) -> str:
+  return "; ".join(f"exit {r.returncode}: {last_line(r.stderr) or last_line(r.stdout)}"
+                   for r in results)
 
 
 def _wait_for_step(workdir: str, after: int, process: subprocess.Popen,
@@ -113,45 +197,49 @@ def _wait_for_step(workdir: str, after: int, process: subprocess.Popen,
     time.sleep(0.02)
 
 
-def sigterm(runs: Runs) -> tuple[str, bool]:
-  workdir = runs.path("sigterm")
-  process = subprocess.Popen(runs.command(workdir), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-  _wait_for_step(workdir, 0, process)
-  process.send_signal(signal.SIGTERM)
-  out, err = process.communicate(timeout=300)
-  stopped = re.search(rf"Stopped by SIGTERM after step (\d+) of {STEPS}", out)
-  if process.returncode != 0 or not stopped:
-    return f"exit {process.returncode}: {last_line(err) or last_line(out)}", False
-  step = int(stopped.group(1))
-  saved = checkpoint_steps(workdir)
-  resumed = runs.train(workdir)
-  equal = resumed.returncode == 0 and runs.equals_reference(workdir)
-  return (f"exit 0 at step {step}, checkpoints {saved}; restart "
-          f"{'bitwise equal' if equal else 'DIFFERS'}"), step in saved and equal
+def sigterm(runs: Runs, processes: int = 1) -> tuple[str, bool]:
+  """SIGTERM to the last process once it trains, then the same command again."""
+  workdir, first_step = runs.path(f"sigterm_{processes}"), 0
+  if processes > 1:  # the multi-process run continues the reference from step 10
+    first_step = HALF
+    runs.reference_until(workdir, first_step)
+  started = runs.start(workdir, processes=processes)
+  _wait_for_step(workdir, first_step, started[0])
+  started[-1].send_signal(signal.SIGTERM)
+  stopped = finish(started)
+  at_step = re.search(r"Stopped by (SIGTERM|another process) after step (\d+)", stopped[0].stdout)
+  if any(r.returncode != 0 for r in stopped) or not at_step:
+    return _failure(stopped), False
+  step, saved = int(at_step.group(2)), checkpoint_steps(workdir)
+  resumed = finish(runs.start(workdir, processes=processes))
+  agree = len(set(final_evals(resumed))) == 1 and all(final_evals(resumed))
+  equal = all(r.returncode == 0 for r in resumed) and runs.equals_reference(workdir, processes)
+  return (f"exit 0{f' ×{processes}' if processes > 1 else ''} at step {step}, checkpoints "
+          f"{saved}; restart {'bitwise equal' if equal else 'DIFFERS'}"), (
+              max(saved) == step and agree and equal)
 
 
 def kill_9_three_times(runs: Runs) -> tuple[str, bool]:
   workdir, rng, kills = runs.path("kill9"), random.Random(0), []
+  more_checkpoints = "--config.checkpoint_every_steps=5"  # more moments to be killed mid-save
   for _ in range(3):
-    process = subprocess.Popen(runs.command(workdir), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(runs.command(workdir, more_checkpoints), env=cpu_env(1),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     before = checkpoint_steps(workdir)
     _wait_for_step(workdir, before[-1] if before else 0, process)  # training (again)
     time.sleep(rng.uniform(0.0, 1.0))  # somewhere in training, maybe mid-checkpoint
     process.kill()
     process.wait()
     kills.append(f"{before[-1] if before else 0}→{checkpoint_steps(workdir)}")
-  finished = runs.train(workdir)
+  finished = runs.train(workdir, more_checkpoints)
   equal = finished.returncode == 0 and runs.equals_reference(workdir)
   return (f"killed 3× (last checkpoint before → checkpoints after: {'; '.join(kills)}); "
           f"final run {'bitwise equal' if equal else 'DIFFERS'}"), equal
 
 
 def damaged_checkpoint(runs: Runs) -> tuple[str, bool]:
-  runs.reference()
   workdir = runs.path("damaged")
-  shutil.copytree(runs.path("reference"), workdir)
+  shutil.copytree(runs.reference()[0], workdir)
   latest = checkpoint_steps(workdir)[-1]
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(latest))):
     for name in files:
@@ -259,7 +347,7 @@ def _short_config(runs: Runs, **overrides):
   config = digits.get_config()
   for flag in SHORT_RUN:
     key, value = flag[len("--config."):].split("=")
-    config[key] = int(value)
+    config[key] = type(config[key])(value)
   config.data_dir, config.progress_bar = runs.data_dir, False
   config.update(overrides)
   return config
@@ -275,32 +363,33 @@ def _failing_at(step: int, error: OSError, original: Callable, step_of: Callable
 
 
 def checkpoint_write_fails(runs: Runs) -> tuple[str, bool]:
-  """Disk full at the checkpoint of step 20: "stop" ends the run, "continue" goes on."""
+  """Disk full at the checkpoint of step 10 (of 5, 10, 15, 20): "stop" ends the run,
+  "continue" goes on."""
   from unittest import mock
   from resnet_jax.training import checkpointing, loop
   full = OSError(28, "No space left on device")
-  failing_save = _failing_at(20, full, checkpointing.save,
+  failing_save = _failing_at(HALF, full, checkpointing.save,
                              lambda manager, state, *a, **k: int(jax.device_get(state.step)))
   results = {}
   for policy in ("stop", "continue"):
     workdir = runs.path(f"write_fails_{policy}")
     with mock.patch.object(checkpointing, "save", failing_save):
       try:
-        loop.train_and_evaluate(_short_config(runs, on_write_error=policy), workdir)
+        loop.train_and_evaluate(_short_config(runs, on_write_error=policy,
+                                              checkpoint_every_steps=5), workdir)
         results[policy] = "finished"
       except loop.WriteError as e:
         results[policy] = f"WriteError: {str(e)[:60]}…"
     results[policy] += f" checkpoints {checkpoint_steps(workdir)}"
-  intact = trees_equal(final_variables(os.path.join(runs.path("write_fails_stop"), "checkpoints",
-                                                    "10")),
-                       final_variables(os.path.join(runs.path("write_fails_continue"),
-                                                    "checkpoints", "10")))
-  return (f"stop: {results['stop']}; continue: {results['continue']}; step-10 checkpoint "
+  intact = trees_equal(*(final_variables(os.path.join(runs.path(f"write_fails_{policy}"),
+                                                     "checkpoints", "5"))
+                         for policy in ("stop", "continue")))
+  return (f"stop: {results['stop']}; continue: {results['continue']}; step-5 checkpoint "
           f"readable: {intact}"), (
-              results["stop"].startswith("WriteError: could not write the checkpoint at step 20: "
-                                         "No space left")
-              and results["stop"].endswith("checkpoints [10]")
-              and results["continue"] == "finished checkpoints [10, 30, 40]" and intact)
+              results["stop"].startswith(f"WriteError: could not write the checkpoint at step "
+                                         f"{HALF}: No space left")
+              and results["stop"].endswith("checkpoints [5]")
+              and results["continue"] == "finished checkpoints [5, 15, 20]" and intact)
 
 
 def metrics_write_fails(runs: Runs) -> tuple[str, bool]:
@@ -313,14 +402,49 @@ def metrics_write_fails(runs: Runs) -> tuple[str, bool]:
   workdir = runs.path("metrics_fails")
   with mock.patch.object(reporting.MetricsWriter, "write", failing_write):
     loop.train_and_evaluate(_short_config(runs, on_write_error="continue"), workdir)
-  steps = [int(r["step"]) for r in reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-           if "train/loss" in r]
+  steps = logged_train_steps(workdir)
   return (f"finished: checkpoints {checkpoint_steps(workdir)}, train records at {steps}"), (
       checkpoint_steps(workdir)[-1] == STEPS and 15 not in steps and STEPS in steps)
 
 
+def two_processes_to_one(runs: Runs) -> tuple[str, bool]:
+  """The last but one checkpoint of the 2-process (jit) reference, resumed by 1 process."""
+  step = MULTIPROCESS_CHECKPOINTS[-2]
+  workdir = runs.reference_until(runs.path("two_to_one"), step, processes=2)
+  result = runs.train(workdir, *MULTIPROCESS_RUN)
+  resumed = f"Resuming from the checkpoint at step {step}" in result.stdout
+  logged = logged_train_steps(workdir)
+  return (f"exit {result.returncode}, resumed at step {step}: {resumed}, checkpoints "
+          f"{checkpoint_steps(workdir)}, train records at {logged}"), (
+              result.returncode == 0 and resumed
+              and checkpoint_steps(workdir) == MULTIPROCESS_CHECKPOINTS
+              and logged == MULTIPROCESS_LOGS)
+
+
+def one_process_to_two(runs: Runs, parallelism: str) -> tuple[str, bool]:
+  """The 1-process reference's checkpoint at step 10, resumed by 2 processes (under jit, the
+  2-process reference run is that)."""
+  if parallelism == "jit":
+    workdir, results = runs.reference(processes=2)
+  else:
+    workdir = runs.reference_until(runs.path(f"one_to_two_{parallelism}"), HALF)
+    results = finish(runs.start(workdir, f"--config.parallelism={parallelism}", processes=2))
+  if any(r.returncode != 0 for r in results):
+    return _failure(results), False
+  resumed = f"Resuming from the checkpoint at step {HALF}" in results[0].stdout
+  agree = len(set(final_evals(results))) == 1 and all(final_evals(results))
+  logged = logged_train_steps(workdir)
+  return (f"exit 0 ×2, resumed at step {HALF}: {resumed}, same final eval in both: {agree}, "
+          f"checkpoints {checkpoint_steps(workdir)}, train records at {logged}"), (
+              resumed and agree and checkpoint_steps(workdir) == MULTIPROCESS_CHECKPOINTS
+              and logged == MULTIPROCESS_LOGS)
+
+
 FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
     "SIGTERM mid-run": ("exit 0, checkpoint at the stop step, restart bitwise equal", sigterm),
+    "SIGTERM to one of 2 processes": (
+        "both stop at the same step, exit 0, one checkpoint there; restart bitwise equal to "
+        "an uninterrupted 2-process run", functools.partial(sigterm, processes=2)),
     "kill -9 three times at random moments": ("restart bitwise equal", kill_9_three_times),
     "latest checkpoint truncated": (
         "warning naming it, moved aside, resumes from the previous one, bitwise equal",
@@ -338,6 +462,14 @@ FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
     "wrong-typed value": ("one error line naming the flag", wrong_typed_value),
     "image folder with random bytes and a truncated PNG": (
         "trains; a warning per file and a count", broken_images),
+    "checkpoint of 1 process resumed by 2 (jit)": (
+        "resumes at its step, both finish with the same eval, only process 0 logs",
+        functools.partial(one_process_to_two, parallelism="jit")),
+    "checkpoint of 1 process resumed by 2 (pmap)": (
+        "resumes at its step, both finish with the same eval, only process 0 logs",
+        functools.partial(one_process_to_two, parallelism="pmap")),
+    "checkpoint of 2 processes (jit) resumed by 1": (
+        "resumes at its step, finishes, no duplicated logs", two_processes_to_one),
 }
 
 

@@ -1,4 +1,4 @@
-"""The short training runs that tests share (in-process and in worker subprocesses)."""
+"""The short training runs that tests share."""
 
 import os
 

@@ -2,16 +2,14 @@
 
 import json
 import os
-import re
 import signal
-import threading
-import time
 
 import chex
+import numpy as np
 import pytest
 
 from resnet_jax import faults, pretrained
-from resnet_jax.training import loop
+from resnet_jax.training import loop, preemption
 from short_run import short_digits_config
 
 
@@ -22,15 +20,20 @@ def config(digits_data_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits_data_dir):
-  """The fault runs of this module, sharing one uninterrupted reference run."""
+  """The fault runs of this module, sharing their uninterrupted reference runs."""
   return faults.Runs(str(tmp_path_factory.mktemp("faults")), digits_data_dir)
 
 
-# Rows that start several train.py processes (~15 s each here) run with `pytest -m slow` and
-# in `python -m resnet_jax.faults`; the fast suite has in-process checks of the same paths.
+# Rows run with `pytest -m slow` and in `python -m resnet_jax.faults` only: each starts
+# train.py once or more (~7 s a start on 2 cores, plus its own compiles for the NaN, folder
+# and pmap rows), which the fast suite's 10-minute budget has no room for, and the fast suite
+# checks their paths otherwise: the 2-process SIGTERM row stops, checkpoints and resumes
+# bitwise; the unit tests below and in test_training.py cover nan_policy, damaged
+# checkpoints, image folders and pmap checkpoints.
 SLOW_FAULTS = ("SIGTERM mid-run", "kill -9 three times at random moments",
                "latest checkpoint truncated", "lr 1e6 with nan_policy=stop",
-               "lr 1e6 with nan_policy=skip", "image folder with random bytes and a truncated PNG")
+               "lr 1e6 with nan_policy=skip", "image folder with random bytes and a truncated PNG",
+               "checkpoint of 1 process resumed by 2 (pmap)")
 
 
 @pytest.mark.parametrize("fault", [
@@ -58,6 +61,14 @@ def test_nan_policy_skip_leaves_the_state_unchanged_counts_skips_and_stops_after
   assert [r["train/skipped_steps"] for r in records if "train/loss" in r] == [0.0, 2.0]
 
 
+def test_nan_policy_stop_raises_at_the_first_non_finite_step(config):
+  history = [{"loss": np.float32(2.3), "non_finite": np.float32(0)},
+             {"loss": np.float32(np.nan), "non_finite": np.float32(1)},
+             {"loss": np.float32(np.nan), "non_finite": np.float32(1)}]
+  with pytest.raises(loop.NonFiniteError, match="non-finite values at step 8: loss = nan"):
+    loop.check_finite(history, 7, config, consecutive_skips=0)
+
+
 def test_a_workdir_that_is_a_file_or_cannot_be_created_is_one_clear_error(tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("not a directory")
@@ -67,24 +78,11 @@ def test_a_workdir_that_is_a_file_or_cannot_be_created_is_one_clear_error(tmp_pa
     loop.prepare_workdir(str(a_file / "run"))
 
 
-def test_sigterm_stops_after_the_current_step_with_a_checkpoint_and_resumes_bitwise(
-    config, tmp_path, capsys):
-  config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 40, 2, 1000
-  metrics = tmp_path / "interrupted" / "metrics.jsonl"
-
-  def send_sigterm_once_training():
-    while not (metrics.exists() and metrics.read_text()):
-      time.sleep(0.01)
+def test_the_first_sigterm_is_caught_and_the_second_would_end_the_process():
+  previous = signal.getsignal(signal.SIGTERM)
+  with preemption.StopSignal() as stop_signal:
+    assert not stop_signal.should_stop(1)
     os.kill(os.getpid(), signal.SIGTERM)
-
-  threading.Thread(target=send_sigterm_once_training, daemon=True).start()
-  assert loop.train_and_evaluate(config, str(tmp_path / "interrupted")) == {}
-  stopped = re.search(r"Stopped by SIGTERM after step (\d+) of 40", capsys.readouterr().out)
-  assert stopped
-  assert os.listdir(tmp_path / "interrupted" / "checkpoints") == [stopped.group(1)]
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
-
-  loop.train_and_evaluate(config, str(tmp_path / "interrupted"))
-  loop.train_and_evaluate(config, str(tmp_path / "reference"))
-  chex.assert_trees_all_equal(pretrained.load(str(tmp_path / "interrupted")).variables,
-                              pretrained.load(str(tmp_path / "reference")).variables)
+    assert stop_signal.should_stop(2) and stop_signal.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  assert signal.getsignal(signal.SIGTERM) is previous
