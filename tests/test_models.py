@@ -265,27 +265,40 @@ def test_summary_rows_add_up_to_total_parameters():
 
 
 @pytest.mark.parametrize("stride_in_1x1", [False, True])
-def test_1x1_convs_as_matmuls_equal_xla_convolutions_in_outputs_and_gradients(stride_in_1x1):
-  # Two narrow bottleneck stages: strided and unstrided 1×1 convs, and a strided projection.
-  dot, conv = (resnet_jax.ResNet(stage_sizes=(1, 2), block_cls=BottleneckBlock, width=8,
-                                 num_classes=5, stride_in_1x1=stride_in_1x1, conv_1x1=impl)
-               for impl in ("dot", "conv"))
+def test_tuned_layers_equal_plain_xla_layers_in_outputs_and_gradients(stride_in_1x1):
+  # Two narrow bottleneck stages: strided and unstrided 1×1 convs, a strided projection and
+  # the stem's max-pool, on an even side (10) here.
+  tuned, plain = (resnet_jax.ResNet(stage_sizes=(1, 2), block_cls=BottleneckBlock, width=8,
+                                    num_classes=5, stride_in_1x1=stride_in_1x1, layer_impl=impl)
+                   for impl in ("tuned", "plain"))
   x = jax.random.normal(jax.random.key(0), (4, 19, 19, 3))  # odd sides: ceil in strided slices
-  variables = conv.init(jax.random.key(1), x)
-  chex.assert_trees_all_equal_shapes_and_dtypes(dot.init(jax.random.key(1), x), variables)
+  variables = plain.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal_shapes_and_dtypes(tuned.init(jax.random.key(1), x), variables)
 
-  def loss(model, params):
-    logits = model.apply({**variables, "params": params}, x)
-    return jnp.sum(logits**2), logits
+  def logits_and_grads(model):
+    def loss(params):
+      logits = model.apply({**variables, "params": params}, x)
+      return jnp.sum(logits**2), logits
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    return logits, grads
 
-  (_, dot_logits), dot_grads = jax.value_and_grad(
-      functools.partial(loss, dot), has_aux=True)(variables["params"])
-  (_, conv_logits), conv_grads = jax.value_and_grad(
-      functools.partial(loss, conv), has_aux=True)(variables["params"])
-  chex.assert_trees_all_close(dot_logits, conv_logits, rtol=1e-5, atol=1e-5)
-  chex.assert_trees_all_close(dot_grads, conv_grads, rtol=1e-4, atol=1e-4)
+  tuned_logits, tuned_grads = logits_and_grads(tuned)
+  plain_logits, plain_grads = logits_and_grads(plain)
+  chex.assert_trees_all_close(tuned_logits, plain_logits, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(tuned_grads, plain_grads, rtol=1e-4, atol=1e-4)
 
 
-def test_an_unknown_conv_1x1_choice_names_the_choices():
-  with pytest.raises(ValueError, match="conv_1x1='fast': must be one of auto, dot, conv"):
-    resnet_jax.create_model("resnet18", conv_1x1="fast").init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+def test_an_unknown_layer_impl_names_the_choices():
+  with pytest.raises(ValueError, match="layer_impl='fast': must be one of auto, tuned, plain"):
+    resnet_jax.create_model("resnet18", layer_impl="fast").init(jax.random.key(0),
+                                                                jnp.ones((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("side", [9, 10])
+def test_tuned_max_pool_equals_reduce_window_in_output_and_gradient(side):
+  from resnet_jax.models.layers import max_pool_3x3_s2
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, side, side, 3)))
+  for f in (lambda x, impl: max_pool_3x3_s2(x, impl),
+            jax.grad(lambda x, impl: jnp.sum(max_pool_3x3_s2(x, impl)**2))):
+    f = jax.jit(f, static_argnums=1)
+    chex.assert_trees_all_equal(f(x, "tuned"), f(x, "plain"))

@@ -8,8 +8,8 @@ Runs the real train step (`setup(config)` and its `DataParallel`, as train.py do
 "fake" data fed by the real `train_batches` iterator and put on the devices every step.
 It reports images/sec, the step's achieved FLOP/s (FLOPs from XLA's cost analysis), the
 FLOP/s of a large square matmul of the same dtype on the same devices, and their ratio.
-In the same run it times the plain path (every conv through XLA's convolution,
-`conv_1x1="conv"`) when ours differs from it, and with `--compare-torch` torchvision's
+In the same run it times the plain path (`layer_impl="plain"`: XLA's own convolution
+and reduce-window) when ours differs from it, and with `--compare-torch` torchvision's
 model (NCHW and channels-last), and prints ours / theirs. Run as a program, it turns JAX's
 persistent compilation cache off, so that the first step includes a real compilation.
 """
@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_jax.bench import benchmark_config, torch_reference, write_json
-from resnet_jax.models.layers import CONV_1X1_IMPLS, resolve_conv_1x1
+from resnet_jax.models.layers import LAYER_IMPLS, resolve_layer_impl
 from resnet_jax.training.config import DTYPES, PARALLELISM_MODES
 from resnet_jax.training.loop import DTYPES as JNP_DTYPES, Experiment, setup, train_batches
 
@@ -54,7 +54,7 @@ class ThroughputResult:
   image_size: int
   dtype: str
   parallelism: str
-  conv_1x1: str  # how 1×1 convs ran: "dot" (matmuls) or "conv" (XLA's convolution)
+  layer_impl: str  # "tuned" (1×1 convs as matmuls, ...) or "plain" (XLA's own ops)
   input_feed: str
   steps: int
   warmup_steps: int
@@ -151,7 +151,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup_steps: in
       device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
       model=config.model, batch_size=config.batch_size, image_size=exp.image_size,
       dtype=config.dtype, parallelism=config.parallelism,
-      conv_1x1=resolve_conv_1x1(config.conv_1x1), input_feed=INPUT_FEED, steps=steps,
+      layer_impl=resolve_layer_impl(config.layer_impl), input_feed=INPUT_FEED, steps=steps,
       warmup_steps=warmup_steps, first_step_s=times.first_step_s,
       step_time_ms=times.step_s * 1e3, host_input_ms=times.host_input_s * 1e3,
       images_per_sec=config.batch_size / times.step_s, train_step_gflop=flops / 1e9,
@@ -165,7 +165,7 @@ def format_result(r: ThroughputResult) -> str:
   rows = [
       ("devices", f"{r.device_count} x {r.device_kind}"),
       ("model", f"{r.model}, global batch {r.batch_size}, {r.image_size}x{r.image_size}, "
-                f"{r.dtype}, {r.parallelism}, 1x1 convs as {r.conv_1x1}"),
+                f"{r.dtype}, {r.parallelism}, layer_impl {r.layer_impl}"),
       ("input", f"{r.input_feed}; host input {r.host_input_ms:.2f} ms per step"),
       ("compile + first step", f"{r.first_step_s:.2f} s"),
       ("step time", f"{r.step_time_ms:.2f} ms (mean of {r.steps} steps after "
@@ -186,7 +186,7 @@ class Comparison:
   """Ours, and what it was compared with in the same run."""
 
   ours: ThroughputResult
-  plain: ThroughputResult | None  # every conv through XLA's convolution; None if ours is that
+  plain: ThroughputResult | None  # layer_impl="plain"; None when ours is that already
   torch: list[torch_reference.TorchResult]
 
   def speedups(self) -> dict[str, float]:
@@ -206,9 +206,9 @@ def compare(config: ml_collections.ConfigDict, *, steps: int, warmup_steps: int,
                  matmul_reps=matmul_reps)
   ours = benchmark(config, **measure)
   plain = None
-  if compare_plain and ours.conv_1x1 != "conv":
+  if compare_plain and ours.layer_impl != "plain":
     plain_config = config.copy_and_resolve_references()
-    plain_config.conv_1x1 = "conv"
+    plain_config.layer_impl = "plain"
     plain = benchmark(plain_config, **measure)
   torch_results = [
       torch_reference.time_torchvision(
@@ -222,10 +222,11 @@ def format_comparison(c: Comparison) -> str:
   """Our report, the plain path's, then one line per reference with ours / theirs."""
   parts = [format_result(c.ours)]
   if c.plain is not None:
-    parts.append("plain path (every conv through XLA's convolution):\n" + format_result(c.plain))
+    parts.append("plain path (XLA's own convolution and reduce-window):\n"
+                 + format_result(c.plain))
   lines = [f"{'ours':<26} {c.ours.images_per_sec:>10.2f} img/s"]
   if c.plain is not None:
-    lines.append(f"{'plain (conv_1x1=conv)':<26} {c.plain.images_per_sec:>10.2f} img/s")
+    lines.append(f"{'plain (layer_impl=plain)':<26} {c.plain.images_per_sec:>10.2f} img/s")
   for t in c.torch:
     name = f"torchvision {t.memory_format}" + (f" {t.autocast_dtype} AMP" if t.autocast_dtype
                                                 else "")
@@ -248,10 +249,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help=f"side of the ceiling's square matmul (default: {CPU_MATMUL_SIZE} on "
                            f"CPU, {ACCELERATOR_MATMUL_SIZE} on accelerators)")
   parser.add_argument("--matmul-reps", type=int, default=20)
-  parser.add_argument("--conv-1x1", choices=CONV_1X1_IMPLS, default="auto",
-                      help="how our 1x1 convs run (auto: as matmuls on CPU)")
+  parser.add_argument("--layer-impl", choices=LAYER_IMPLS, default="auto",
+                      help="our layers: tuned (1x1 convs as matmuls, ...), plain, auto "
+                           "(tuned on CPU)")
   parser.add_argument("--no-compare-plain", dest="compare_plain", action="store_false",
-                      help="skip timing the plain path (every conv through XLA's convolution)")
+                      help="skip timing the plain path (layer_impl=plain)")
   parser.add_argument("--compare-torch", action="store_true",
                       help="also time torchvision's model (needs torch and torchvision)")
   parser.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
@@ -263,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   config = benchmark_config(args.model, batch_size=args.batch_size, image_size=args.image_size,
                             dtype=args.dtype, parallelism=args.parallelism,
                             num_train_steps=1 + args.warmup_steps + args.steps)
-  config.conv_1x1 = args.conv_1x1
+  config.layer_impl = args.layer_impl
   try:
     comparison = compare(config, steps=args.steps, warmup_steps=args.warmup_steps,
                          matmul_size=args.matmul_size or default_matmul_size(),

@@ -28,7 +28,7 @@ class NormFactory(Protocol):
     ...
 
 
-CONV_1X1_IMPLS = ("auto", "dot", "conv")
+LAYER_IMPLS = ("auto", "tuned", "plain")
 
 
 def is_pointwise(rhs_shape: tuple[int, ...], window_strides: Sequence[int], padding: Any,
@@ -47,7 +47,7 @@ def conv_1x1_as_dot(lhs: Array, rhs: Array, window_strides: Sequence[int], paddi
                     preferred_element_type: Any = None) -> Array:
   """`lax.conv_general_dilated` for NHWC × HWIO, with 1×1 convs as a matmul over channels.
 
-  XLA:CPU runs a 1×1 conv 2.5-4× slower than the same contraction as a dot (a 1×1
+  XLA:CPU runs a 1×1 conv 2-2.5× slower than the same contraction as a dot (a 1×1
   conv's "SAME" padding is zero, so a stride is just a slice). Other convs go to XLA.
   """
   if not is_pointwise(rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -62,24 +62,25 @@ def conv_1x1_as_dot(lhs: Array, rhs: Array, window_strides: Sequence[int], paddi
                              preferred_element_type=preferred_element_type)
 
 
-def resolve_conv_1x1(impl: str) -> str:
-  """"auto": a matmul on CPU, where XLA's 1×1 convs are slow; XLA's conv elsewhere."""
-  if impl not in CONV_1X1_IMPLS:
-    raise ValueError(f"conv_1x1={impl!r}: must be one of {', '.join(CONV_1X1_IMPLS)}")
+def resolve_layer_impl(impl: str) -> str:
+  """"auto": "tuned" on CPU, where it is faster; "plain" (XLA's own ops) elsewhere."""
+  if impl not in LAYER_IMPLS:
+    raise ValueError(f"layer_impl={impl!r}: must be one of {', '.join(LAYER_IMPLS)}")
   if impl == "auto":
-    return "dot" if jax.default_backend() == "cpu" else "conv"
+    return "tuned" if jax.default_backend() == "cpu" else "plain"
   return impl
 
 
-def make_conv(dtype: Dtype, param_dtype: Dtype, conv_1x1: str = "conv") -> Callable[..., nn.Conv]:
+def make_conv(dtype: Dtype, param_dtype: Dtype, layer_impl: str = "plain"
+              ) -> Callable[..., nn.Conv]:
   """A bias-free conv with torchvision's initialiser and the given dtypes.
 
-  `conv_1x1="dot"` computes 1×1 convs as matmuls; parameters are the same either way.
+  `layer_impl="tuned"` computes 1×1 convs as matmuls; the parameters are the same.
   """
-  dot = resolve_conv_1x1(conv_1x1) == "dot"
+  tuned = resolve_layer_impl(layer_impl) == "tuned"
   return functools.partial(
       nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, param_dtype=param_dtype,
-      conv_general_dilated=conv_1x1_as_dot if dot else None)
+      conv_general_dilated=conv_1x1_as_dot if tuned else None)
 
 
 def make_norm(
@@ -119,9 +120,21 @@ def conv_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((kernel_size // 2, kernel_size // 2),) * 2
 
 
-def max_pool_3x3_s2(x: Array) -> Array:
-  """The ImageNet stem's max-pool (3×3, stride 2, padding 1)."""
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+def max_pool_3x3_s2(x: Array, layer_impl: str = "plain") -> Array:
+  """The ImageNet stem's max-pool (3×3, stride 2, padding 1).
+
+  "tuned": the maximum of the window's nine strided slices. Same output; its gradient is
+  elementwise selects, 5× faster on XLA:CPU than reduce-window's select-and-scatter. (The
+  two split a gradient differently only between equal maxima: after a ReLU, zeros, whose
+  gradient the ReLU drops anyway.)
+  """
+  if resolve_layer_impl(layer_impl) == "plain":
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  height, width = (x.shape[1] + 1) // 2, (x.shape[2] + 1) // 2  # outputs per side
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  slices = [padded[:, i:i + 2 * height - 1:2, j:j + 2 * width - 1:2, :]
+            for i in range(3) for j in range(3)]
+  return functools.reduce(jnp.maximum, slices)
 
 
 class Shortcut(nn.Module):

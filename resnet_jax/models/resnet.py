@@ -52,9 +52,10 @@ class ResNet(nn.Module):
   in_channels: int = 3
   dtype: Any = jnp.float32  # compute dtype.
   param_dtype: Any = jnp.float32  # storage dtype of params and BatchNorm statistics.
-  # 1×1 convs as "dot" (matmuls), "conv" (XLA's convolution) or "auto" (dot on CPU only);
-  # the parameters are the same, so weights and checkpoints work with every choice.
-  conv_1x1: str = "auto"
+  # "tuned": 1×1 convs as matmuls and the stem's max-pool as a max of slices (faster on
+  # XLA:CPU); "plain": XLA's convolution and reduce-window; "auto": tuned on CPU only.
+  # The parameters are the same, so weights and checkpoints work with every choice.
+  layer_impl: str = "auto"
   # A stage's blocks after the first run as one nn.scan (stages of 3+ blocks): variables stacked
   # in layer{i}_scan (models/scan.py: the layout, its converters); compile time stops growing.
   scan_blocks: bool = False
@@ -86,7 +87,7 @@ class ResNet(nn.Module):
     self.check_input(x)
     if self.stem not in STEMS:
       raise ValueError(f"stem={self.stem!r}: must be one of {STEMS}")
-    conv = make_conv(self.dtype, self.param_dtype, self.conv_1x1)
+    conv = make_conv(self.dtype, self.param_dtype, self.layer_impl)
     norm = make_norm(self.norm, train=train and not self.freeze_batch_stats, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                      axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
     preactivation = self.block_cls.preactivation
@@ -137,5 +138,5 @@ class ResNet(nn.Module):
     if not preactivation:
       x = nn.relu(norm(self.width, "bn1")(x))
     if self.stem != "cifar":
-      x = max_pool_3x3_s2(x)
+      x = max_pool_3x3_s2(x, self.layer_impl)
     return x

@@ -12,7 +12,7 @@ import os
 import ml_collections
 
 from resnet_jax.data.pipeline import PRESETS
-from resnet_jax.models.layers import CONV_1X1_IMPLS
+from resnet_jax.models.layers import LAYER_IMPLS
 from resnet_jax.models.scan import REMAT_POLICIES
 
 PARALLELISM_MODES = ("jit", "pmap")
@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.zero_init_residual = False
   c.drop_path_rate = 0.0
   c.dtype = "float32"  # compute dtype; params and BatchNorm statistics stay float32.
-  c.conv_1x1 = "auto"  # 1×1 convs as "dot" (matmuls), "conv" (XLA's), "auto" (dot on CPU).
+  c.layer_impl = "auto"  # "tuned" (faster on CPU: 1×1 convs as matmuls), "plain", "auto".
   c.scan_blocks = False  # each stage's repeated blocks as one nn.scan: compiles faster.
   c.remat = False  # recompute each block's activations in the backward pass: less memory.
   c.remat_policy = "nothing_saveable"  # what remat keeps (a jax.checkpoint_policies name).
@@ -142,7 +142,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   one_of("nan_policy", NAN_POLICIES)
   one_of("on_write_error", WRITE_ERROR_POLICIES)
   one_of("preprocessing", PRESETS)
-  one_of("conv_1x1", CONV_1X1_IMPLS)
+  one_of("layer_impl", LAYER_IMPLS)
   check(0 <= config.holdout_fraction < 1, "holdout_fraction", "must be in [0, 1)")
   check(config.mixup_alpha >= 0, "mixup_alpha", "must be >= 0 (0 disables mixup)")
   check(config.cutmix_alpha >= 0, "cutmix_alpha", "must be >= 0 (0 disables CutMix)")

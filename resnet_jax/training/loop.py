@@ -68,7 +68,7 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
       in_channels=info.image_shape[2], dtype=DTYPES[config.dtype],
       axis_name=parallel.model_axis_name(config.parallelism),
       zero_init_residual=config.zero_init_residual, drop_path_rate=config.drop_path_rate,
-      freeze_batch_stats=config.freeze_batch_stats, conv_1x1=config.conv_1x1,
+      freeze_batch_stats=config.freeze_batch_stats, layer_impl=config.layer_impl,
       scan_blocks=config.scan_blocks, remat=config.remat, remat_policy=config.remat_policy)
   if image_size < model.min_image_size:
     raise ValueError(f"config.image_size={image_size} is too small for {config.model}: it "
