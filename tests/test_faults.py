@@ -24,30 +24,34 @@ def runs(tmp_path_factory, digits_data_dir):
   return faults.Runs(str(tmp_path_factory.mktemp("faults")), digits_data_dir)
 
 
-# Rows run with `pytest -m slow` and in `python -m resnet_jax.faults` only: each starts
-# train.py once or more (~7 s a start on 2 cores, plus its own compiles for the NaN, folder
-# and pmap rows), which the fast suite's 10-minute budget has no room for, and the fast suite
-# checks their paths otherwise: the 2-process SIGTERM row stops, checkpoints and resumes
-# bitwise; the unit tests below and in test_training.py cover nan_policy, damaged
-# checkpoints, image folders and pmap checkpoints.
-SLOW_FAULTS = ("SIGTERM mid-run", "kill -9 three times at random moments",
-               "latest checkpoint truncated", "lr 1e6 with nan_policy=stop",
-               "lr 1e6 with nan_policy=skip", "image folder with random bytes and a truncated PNG",
-               "checkpoint of 1 process resumed by 2 (pmap)")
+# Every row of the table runs here, in two classes that pytest-xdist (--dist loadscope) gives
+# to different workers: the multi-process rows, which share the 2-process reference run, and
+# the rest. Each class builds the 1-process reference once.
+MULTIPROCESS_FAULTS = [name for name in faults.FAULTS if "process" in name]
 
 
-@pytest.mark.parametrize("fault", [
-    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_FAULTS else name
-    for name in faults.FAULTS])
-def test_fault(fault, runs):
+def check_fault(fault, runs):
   outcome = faults.run_fault(fault, runs)
   assert outcome.passed, f"{fault}: expected {outcome.expected}; {outcome.happened}"
+
+
+class TestMultiProcessFaults:
+  @pytest.mark.parametrize("fault", MULTIPROCESS_FAULTS)
+  def test_fault(self, fault, runs):
+    check_fault(fault, runs)
+
+
+class TestOneProcessFaults:
+  @pytest.mark.parametrize("fault", [n for n in faults.FAULTS if n not in MULTIPROCESS_FAULTS])
+  def test_fault(self, fault, runs):
+    check_fault(fault, runs)
 
 
 def _params_at(workdir, step):
   return pretrained.load(os.path.join(workdir, "checkpoints", str(step))).variables["params"]
 
 
+@pytest.mark.slow  # 20 s; the nan_policy=skip row runs the path, this checks each state
 def test_nan_policy_skip_leaves_the_state_unchanged_counts_skips_and_stops_after_k(
     config, tmp_path):
   config.learning_rate, config.num_train_steps = 1e6, 8

@@ -343,6 +343,7 @@ def test_train_py_names_the_missing_folder(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # 30 s; the fast suite trains on folders of real PNG digits
 @pytest.mark.skipif(not os.path.exists(CIFAR_TAR), reason="needs ../shared/data (real CIFAR-10)")
 def test_cifar10_folder_config_trains_on_real_cifar10_jpegs(tmp_path):
   with tarfile.open(CIFAR_TAR) as tar:  # the first 40 images of each class

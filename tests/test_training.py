@@ -103,6 +103,7 @@ def test_resume_after_n_steps_then_m_more_is_bitwise_identical_to_n_plus_m(confi
   assert [r["step"] for r in records if r.get("startup/seconds_to_first_step", 0) > 0] == [1, 4]
 
 
+@pytest.mark.slow  # 30-40 s; the fault suite resumes a pmap checkpoint in 2 processes
 def test_checkpoint_from_8_device_pmap_restores_under_jit_and_resumes_on_one_device(
     config, tmp_path):
   config.parallelism = "pmap"
@@ -254,6 +255,7 @@ def _damage(step_dir):
         f.write(b"garbage")
 
 
+@pytest.mark.slow  # the fault suite's "latest checkpoint truncated" row runs this path
 def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restored(tmp_path,
                                                                                    caplog):
   manager, state = _tiny_checkpoints(tmp_path, (2, 4))

@@ -1,7 +1,11 @@
-"""Benchmarks of the real train step: `bench.throughput` and `bench.compile_time`.
+"""Benchmarks: what they share (a benchmark config, JSON and CSV writers).
 
-Both build their experiment with `training.loop.setup`, the path train.py takes, on the
-synthetic "fake" dataset, so they need no data on disk. What they share lives here.
+Train step: `throughput` (ours vs the plain layers and torchvision, `torch_reference`),
+`compile_time` (scan_blocks and remat variants, XLA cost and memory analyses, the depth
+sweep), `dry_run` (pod-scale compile for simulated devices, with `collectives` and
+`step_time`) and `startup` (first vs second start of train.py); they build their experiment
+with `training.loop.setup`, the path train.py takes, on the synthetic "fake" dataset.
+Input: `input` and `photo_folder`. Experiments: `transfer` and `degradation`.
 """
 
 from __future__ import annotations

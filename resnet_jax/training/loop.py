@@ -73,6 +73,10 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
   if image_size < model.min_image_size:
     raise ValueError(f"config.image_size={image_size} is too small for {config.model}: it "
                      f"needs at least {model.min_image_size} pixels per side")
+  if config.scan_blocks and jax.default_backend() == "cpu" and not abstract_state:
+    logging.warning("scan_blocks on CPU: XLA:CPU runs the convolutions inside the scan loops "
+                    "with a slow kernel (ResNet-50: 6.7x the unrolled step time, BENCHMARKS.md); "
+                    "it compiles faster, but trains slower")
 
   probe_dataset = None
   if config.linear_probe_dataset:
