@@ -33,7 +33,8 @@ def run_main(main, argv, json_path):
   return json.loads(json_path.read_text()), stdout.getvalue()
 
 
-@pytest.fixture(scope="module", params=["jit", "pmap"])
+# pmap: -m slow (a second model compile; the training tests run pmap steps)
+@pytest.fixture(scope="module", params=["jit", pytest.param("pmap", marks=pytest.mark.slow)])
 def throughput_comparison(request, tmp_path_factory):
   argv = ["--model", "resnet20", *TINY_RUN, "--parallelism", request.param, "--steps", "2",
           "--warmup-steps", "1", "--matmul-size", "64", "--matmul-reps", "2"]
