@@ -26,14 +26,15 @@ def runs(tmp_path_factory, digits_data_dir):
 
 # Every row of the table runs here, in two classes that pytest-xdist (--dist loadscope) can
 # give to different workers: the multi-process rows, which share the 2-process reference run,
-# and the rest. Each class builds the 1-process reference once. Five rows run only with
+# and the rest. Each class builds the 1-process reference once. Six rows run only with
 # `-m slow` (and in `python -m resnet_jax.faults`): with them the fast suite took 11 min on
 # 2 cores, over its 10-minute budget. Fast tests run their paths otherwise: the 2-process
 # jit rows start, checkpoint and resume 2 processes; the 1-process SIGTERM row stops and
-# resumes bitwise; the nan_policy tests below; test_image_folder's skipped-file tests.
+# resumes bitwise; the nan_policy tests below; test_image_folder's skipped-file tests;
+# test_training's damaged-checkpoint test.
 SLOW_FAULTS = ("SIGTERM to one of 2 processes", "checkpoint of 1 process resumed by 2 (pmap)",
                "lr 1e6 with nan_policy=stop", "lr 1e6 with nan_policy=skip",
-               "image folder with random bytes and a truncated PNG")
+               "image folder with random bytes and a truncated PNG", "latest checkpoint truncated")
 MULTIPROCESS_FAULTS = [name for name in faults.FAULTS if "process" in name]
 
 

@@ -80,6 +80,7 @@ def restore_params(workdir, config):
   return state, position
 
 
+@pytest.mark.slow  # 26 s; the SIGTERM and kill -9 fault rows resume train.py bitwise
 def test_resume_after_n_steps_then_m_more_is_bitwise_identical_to_n_plus_m(config, tmp_path):
   config.num_train_steps = 5  # the constant schedule does not depend on the run's length
   loop.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
@@ -255,7 +256,6 @@ def _damage(step_dir):
         f.write(b"garbage")
 
 
-@pytest.mark.slow  # the fault suite's "latest checkpoint truncated" row runs this path
 def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restored(tmp_path,
                                                                                    caplog):
   manager, state = _tiny_checkpoints(tmp_path, (2, 4))
