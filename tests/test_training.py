@@ -104,7 +104,6 @@ def test_resume_after_n_steps_then_m_more_is_bitwise_identical_to_n_plus_m(confi
   assert [r["step"] for r in records if r.get("startup/seconds_to_first_step", 0) > 0] == [1, 4]
 
 
-@pytest.mark.slow  # 30-40 s; the fault suite resumes a pmap checkpoint in 2 processes
 def test_checkpoint_from_8_device_pmap_restores_under_jit_and_resumes_on_one_device(
     config, tmp_path):
   config.parallelism = "pmap"
