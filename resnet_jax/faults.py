@@ -60,6 +60,7 @@ class Outcome:
   expected: str
   happened: str
   passed: bool
+  seconds: float  # wall time of the row, its share of the shared reference runs included
 
 
 class Runs:
@@ -475,17 +476,18 @@ FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
 
 def run_fault(name: str, runs: Runs) -> Outcome:
   expected, inject = FAULTS[name]
+  start = time.perf_counter()
   try:
     happened, passed = inject(runs)
   except Exception as e:  # noqa: BLE001 - a crash of the harness is a failed row, not a stop
     happened, passed = f"{type(e).__name__}: {e}", False
-  return Outcome(name, expected, happened, passed)
+  return Outcome(name, expected, happened, passed, time.perf_counter() - start)
 
 
 def table(outcomes: Sequence[Outcome]) -> str:
-  rows = ["| fault | expected | what happened | |", "|---|---|---|---|"]
+  rows = ["| fault | expected | what happened | | s |", "|---|---|---|---|---:|"]
   rows += [f"| {o.fault} | {o.expected} | {o.happened.replace('|', '/')} | "
-           f"{'pass' if o.passed else 'FAIL'} |" for o in outcomes]
+           f"{'pass' if o.passed else 'FAIL'} | {o.seconds:.0f} |" for o in outcomes]
   return "\n".join(rows)
 
 
@@ -510,8 +512,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   start, outcomes = time.perf_counter(), []
   for name in names:
     outcomes.append(run_fault(name, runs))
-    print(f"{'pass' if outcomes[-1].passed else 'FAIL'}: {name}: {outcomes[-1].happened}",
-          flush=True)
+    print(f"{'pass' if outcomes[-1].passed else 'FAIL'} ({outcomes[-1].seconds:.0f} s): {name}: "
+          f"{outcomes[-1].happened}", flush=True)
   print(f"\n{table(outcomes)}\n\n{sum(o.passed for o in outcomes)} of {len(outcomes)} passed "
         f"in {time.perf_counter() - start:.0f} s (runs in {workdir})")
   sys.exit(0 if all(o.passed for o in outcomes) else 1)

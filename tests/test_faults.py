@@ -32,9 +32,7 @@ def runs(tmp_path_factory, digits_data_dir):
 # jit rows start, checkpoint and resume 2 processes; the 1-process SIGTERM row stops and
 # resumes bitwise; the nan_policy tests below; test_image_folder's skipped-file tests;
 # test_training's damaged-checkpoint and pmap-checkpoint tests.
-SLOW_FAULTS = ("SIGTERM to one of 2 processes", "checkpoint of 1 process resumed by 2 (pmap)",
-               "lr 1e6 with nan_policy=stop", "lr 1e6 with nan_policy=skip",
-               "image folder with random bytes and a truncated PNG", "latest checkpoint truncated")
+SLOW_FAULTS = ()
 MULTIPROCESS_FAULTS = [name for name in faults.FAULTS if "process" in name]
 
 

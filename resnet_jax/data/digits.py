@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from sklearn import datasets as sklearn_datasets
 
 NUM_TRAIN_EXAMPLES = 1437
 NUM_TEST_EXAMPLES = 360
@@ -50,6 +49,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Nothing to download: scikit-learn ships the data.
+    from sklearn import datasets as sklearn_datasets  # only to prepare: ~1 s to import
     digits = sklearn_datasets.load_digits()
     images = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
     return {

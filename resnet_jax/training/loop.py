@@ -46,6 +46,7 @@ class Experiment:
   train_step: Callable  # the pure step (what data_parallel compiles), for tools and tests
   data_parallel: parallel.DataParallel
   initial_state: TrainState  # replicated; shapes and dtypes only with `abstract_state`
+  make_initial_state: Callable[[], TrainState]  # builds the concrete one (initialises)
   probe_dataset: data.DatasetInfo | None  # for few-shot linear probes at each evaluation
 
 
@@ -73,10 +74,6 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
   if image_size < model.min_image_size:
     raise ValueError(f"config.image_size={image_size} is too small for {config.model}: it "
                      f"needs at least {model.min_image_size} pixels per side")
-  if config.scan_blocks and jax.default_backend() == "cpu" and not abstract_state:
-    logging.warning("scan_blocks on CPU: XLA:CPU runs the convolutions inside the scan loops "
-                    "with a slow kernel (ResNet-50: 6.7x the unrolled step time, BENCHMARKS.md); "
-                    "it compiles faster, but trains slower")
 
   probe_dataset = None
   if config.linear_probe_dataset:
@@ -101,13 +98,14 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
       create_train_state, jax.random.PRNGKey(config.seed), model, tx,
       (image_size, image_size, info.image_shape[2]), use_ema=config.ema_decay > 0,
       loss_scale=config.loss_scale_init if config.dtype == "float16" else None)
-  if abstract_state:
-    state = jax.eval_shape(make_state)
-  else:
+
+  def make_initial_state() -> TrainState:
     state = make_state()
     if init_weights is not None:
       state = start_from(init_weights, state, config.replace_head)
-    state = jax.device_put(state, parallel.replicated_sharding())
+    return parallel.replicate(state)
+
+  state = jax.eval_shape(make_state) if abstract_state else make_initial_state()
 
   inputs = InputTransform(
       mean=info.mean, std=info.std, dtype=DTYPES[config.dtype], mixup_alpha=config.mixup_alpha,
@@ -127,6 +125,7 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
       train_step=train_step,
       data_parallel=parallel.make_data_parallel(config.parallelism, train_step, eval_step),
       initial_state=state,
+      make_initial_state=make_initial_state,
       probe_dataset=probe_dataset)
 
 
@@ -296,13 +295,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         startup_clock: startup.StartupClock) -> dict[str, float]:
-  exp = setup(config)
+  # Shapes only: a resumed run restores its state without initialising one first.
+  exp = setup(config, abstract_state=True)
+  if config.scan_blocks and jax.default_backend() == "cpu":
+    logging.warning("scan_blocks on CPU: XLA:CPU runs the convolutions inside the scan loops "
+                    "with a slow kernel (ResNet-50: 6.7x the unrolled step time, BENCHMARKS.md); "
+                    "it compiles faster, but trains slower")
   is_main_process = jax.process_index() == 0
   manager = checkpointing.make_checkpoint_manager(workdir, config.keep_checkpoints,
                                                   config.best_checkpoint_metric)
-  restored = checkpointing.restore_latest(manager, exp.initial_state)
+  replicated = parallel.replicated_sharding()
+  restored = checkpointing.restore_latest(manager, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), exp.initial_state))
   if restored is None:
-    state, start_step, start_batch = exp.initial_state, 0, 0
+    state, start_step, start_batch = exp.make_initial_state(), 0, 0
     logging.info("Starting %s on %s from scratch in %s", config.model, config.dataset, workdir)
   else:
     state, saved_position = restored

@@ -13,10 +13,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PMAP_AXIS = "batch"  # the replica axis under pmap; the model's BatchNorm syncs over it.
@@ -41,6 +43,30 @@ def model_axis_name(mode: str) -> str | None:
 def replicated_sharding() -> NamedSharding:
   """Every device holds the whole array: the layout of checkpointed state."""
   return NamedSharding(Mesh(np.asarray(jax.devices()), (MESH_AXIS,)), P())
+
+
+def replicate(tree: Any) -> Any:
+  """`tree`, identical on every process, as global arrays replicated on all devices.
+
+  With several processes `jax.device_put` would check each leaf against every process's
+  copy, one allgather per leaf (~160 for a ResNet: 5.7 s of a 2-process start on 2 CPU
+  cores); this checks one fingerprint of the whole tree instead, then builds the arrays
+  from local data.
+  """
+  sharding = replicated_sharding()
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  host = jax.device_get(tree)
+  leaves = jax.tree.leaves(host)
+  digest = hashlib.blake2b(digest_size=16)
+  for leaf in leaves:
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f"{leaf.dtype}{leaf.shape}".encode())
+    digest.update(leaf.tobytes())
+  multihost_utils.assert_equal(np.frombuffer(digest.digest(), np.uint32), fail_message=(
+      "the state to replicate differs between processes (same config and seed on all?)"))
+  return jax.tree.map(lambda x: jax.make_array_from_callback(
+      np.shape(x), sharding, lambda index: np.asarray(x)[index]), host)
 
 
 def check_batch_divisible(global_batch_size: int, what: str = "batch_size") -> None:
