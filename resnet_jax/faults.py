@@ -16,7 +16,10 @@ programs through XLA's persistent cache. `tests/test_faults.py` runs the same fa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import functools
 import json
 import os
@@ -29,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -95,16 +98,30 @@ class Runs:
 
   def reference(self, processes: int = 1) -> tuple[str, list[subprocess.CompletedProcess]]:
     """The uninterrupted short run, or the multi-process run from its checkpoint at step 10:
-    the workdir and what each process returned (trained once, on first use)."""
+    the workdir and what each process returned. Trained once per `workdir`, on first use,
+    even when several processes (pytest workers) share it; a rerun reuses it."""
     workdir = self.path(f"reference_{processes}")
     if processes not in self._references:
-      start = workdir if processes == 1 else self.reference_until(workdir, HALF)
-      results = finish(self.start(start, processes=processes))
-      if any(r.returncode != 0 for r in results):
-        raise RuntimeError(f"the uninterrupted {processes}-process reference run failed: "
-                           f"{_failure(results)}")
-      self._references[processes] = results
+      with file_lock(f"{workdir}.lock"):
+        self._references[processes] = self._load_or_train_reference(workdir, processes)
     return workdir, self._references[processes]
+
+  def _load_or_train_reference(self, workdir: str, processes: int
+                               ) -> list[subprocess.CompletedProcess]:
+    record = f"{workdir}.json"  # written only once the run succeeded
+    if os.path.exists(record):
+      with open(record) as f:
+        return [subprocess.CompletedProcess(**r) for r in json.load(f)]
+    shutil.rmtree(workdir, ignore_errors=True)  # what an interrupted attempt left
+    start = workdir if processes == 1 else self.reference_until(workdir, HALF)
+    results = finish(self.start(start, processes=processes))
+    if any(r.returncode != 0 for r in results):
+      raise RuntimeError(f"the uninterrupted {processes}-process reference run failed: "
+                         f"{_failure(results)}")
+    with open(record, "w") as f:
+      json.dump([dict(args=r.args, returncode=r.returncode, stdout=r.stdout, stderr=r.stderr)
+                 for r in results], f)
+    return results
 
   def equals_reference(self, workdir: str, processes: int = 1) -> bool:
     return trees_equal(final_variables(workdir), final_variables(self.reference(processes)[0]))
@@ -122,9 +139,20 @@ class Runs:
     return workdir
 
 
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+  """An exclusive lock on the file `path` while the block runs (across processes)."""
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def cpu_env(devices: int) -> dict[str, str]:
   """This process's environment for a train.py on `devices` CPU devices."""
-  return {**os.environ, "JAX_PLATFORMS": "cpu",
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "TF_USE_LEGACY_KERAS": "1",  # as train.py
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
@@ -342,14 +370,14 @@ def broken_images(runs: Runs) -> tuple[str, bool]:
           f"{counted}"), result.returncode == 0 and named and counted
 
 
-def _short_config(runs: Runs, **overrides):
-  """The short run's config, for faults injected in this process."""
+def _short_config(data_dir: str, **overrides):
+  """The short run's config (what train.py builds from SHORT_RUN), with `overrides`."""
   from configs import digits
   config = digits.get_config()
   for flag in SHORT_RUN:
     key, value = flag[len("--config."):].split("=")
     config[key] = type(config[key])(value)
-  config.data_dir, config.progress_bar = runs.data_dir, False
+  config.data_dir, config.progress_bar = data_dir, False
   config.update(overrides)
   return config
 
@@ -363,25 +391,51 @@ def _failing_at(step: int, error: OSError, original: Callable, step_of: Callable
   return write
 
 
+def train_with_a_failing_write(what: str, step: int, error_number: int, workdir: str,
+                               data_dir: str, overrides: dict) -> None:
+  """The short run in this process, with its `what` ("checkpoint" or "metrics") write of
+  `step` failing with OSError(error_number); prints "finished" or the WriteError."""
+  from unittest import mock
+  from resnet_jax.training import checkpointing, loop, reporting
+  if what == "checkpoint":
+    owner, name = checkpointing, "save"
+    step_of = lambda manager, state, *a, **k: int(jax.device_get(state.step))  # noqa: E731
+  else:
+    owner, name = reporting.MetricsWriter, "write"
+    step_of = lambda writer, step, metrics: step  # noqa: E731
+  error = OSError(error_number, os.strerror(error_number))
+  failing = _failing_at(step, error, getattr(owner, name), step_of)
+  with mock.patch.object(owner, name, failing):
+    try:
+      loop.train_and_evaluate(_short_config(data_dir, **overrides), workdir)
+      print("finished")
+    except loop.WriteError as e:
+      print(f"WriteError: {e}")
+
+
+def _failing_write_run(runs: Runs, name: str, what: str, step: int, error_number: int,
+                       **overrides) -> str:
+  """`train_with_a_failing_write` in a new 1-CPU-device process: the short run's compiled
+  programs, from the cache. Returns its last line."""
+  workdir = runs.path(name)
+  code = ("import json, os, sys; from resnet_jax import faults; "
+          "faults.train_with_a_failing_write(*json.loads(sys.argv[1])); "
+          "sys.stdout.flush(); os._exit(0)")  # as train.py ends: without TF's C++ teardown
+  arguments = json.dumps([what, step, error_number, workdir, runs.data_dir, overrides])
+  result = subprocess.run([sys.executable, "-c", code, arguments], cwd=REPO, env=cpu_env(1),
+                          capture_output=True, text=True, timeout=600)
+  outcome = last_line(result.stdout) if result.returncode == 0 else _failure([result])
+  shown = outcome if len(outcome) <= 80 else f"{outcome[:80]}…"
+  return f"{shown} checkpoints {checkpoint_steps(workdir)}"
+
+
 def checkpoint_write_fails(runs: Runs) -> tuple[str, bool]:
   """Disk full at the checkpoint of step 10 (of 5, 10, 15, 20): "stop" ends the run,
   "continue" goes on."""
-  from unittest import mock
-  from resnet_jax.training import checkpointing, loop
-  full = OSError(28, "No space left on device")
-  failing_save = _failing_at(HALF, full, checkpointing.save,
-                             lambda manager, state, *a, **k: int(jax.device_get(state.step)))
-  results = {}
-  for policy in ("stop", "continue"):
-    workdir = runs.path(f"write_fails_{policy}")
-    with mock.patch.object(checkpointing, "save", failing_save):
-      try:
-        loop.train_and_evaluate(_short_config(runs, on_write_error=policy,
-                                              checkpoint_every_steps=5), workdir)
-        results[policy] = "finished"
-      except loop.WriteError as e:
-        results[policy] = f"WriteError: {str(e)[:60]}…"
-    results[policy] += f" checkpoints {checkpoint_steps(workdir)}"
+  results = {policy: _failing_write_run(runs, f"write_fails_{policy}", "checkpoint", HALF,
+                                        errno.ENOSPC, on_write_error=policy,
+                                        checkpoint_every_steps=5)
+             for policy in ("stop", "continue")}
   intact = trees_equal(*(final_variables(os.path.join(runs.path(f"write_fails_{policy}"),
                                                      "checkpoints", "5"))
                          for policy in ("stop", "continue")))
@@ -395,17 +449,12 @@ def checkpoint_write_fails(runs: Runs) -> tuple[str, bool]:
 
 def metrics_write_fails(runs: Runs) -> tuple[str, bool]:
   """A read-only metrics file at step 15: with "continue" the run finishes all the same."""
-  from unittest import mock
-  from resnet_jax.training import loop, reporting
-  read_only = OSError(30, "Read-only file system")
-  failing_write = _failing_at(15, read_only, reporting.MetricsWriter.write,
-                              lambda writer, step, metrics: step)
-  workdir = runs.path("metrics_fails")
-  with mock.patch.object(reporting.MetricsWriter, "write", failing_write):
-    loop.train_and_evaluate(_short_config(runs, on_write_error="continue"), workdir)
-  steps = logged_train_steps(workdir)
-  return (f"finished: checkpoints {checkpoint_steps(workdir)}, train records at {steps}"), (
-      checkpoint_steps(workdir)[-1] == STEPS and 15 not in steps and STEPS in steps)
+  result = _failing_write_run(runs, "metrics_fails", "metrics", 15, errno.EROFS,
+                              on_write_error="continue")
+  steps = logged_train_steps(runs.path("metrics_fails"))
+  return f"{result}, train records at {steps}", (
+      result.startswith("finished") and checkpoint_steps(runs.path("metrics_fails"))[-1] == STEPS
+      and 15 not in steps and STEPS in steps)
 
 
 def two_processes_to_one(runs: Runs) -> tuple[str, bool]:

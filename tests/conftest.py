@@ -28,15 +28,35 @@ def digits_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def trained_folder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
   """(workdir, tfds data dir, root): 4 steps of ResNet-20 on a folder of digits 0-4, once
-  per session, with gradient norms logged; fine-tuning, probes, predict and the analysis
-  tools start from its checkpoint."""
+  per session (the first worker that needs it trains it; the others wait and share it), with
+  gradient norms logged; fine-tuning, probes, predict and the analysis tools start from its
+  checkpoint."""
+  from resnet_jax.faults import file_lock
   from resnet_jax.training import loop
-  from short_run import digit_folder, short_folder_config
+  from short_run import digit_folder, shared_dir, short_folder_config
 
-  root = str(tmp_path_factory.mktemp("folder_run"))
-  folder = digit_folder(os.path.join(root, "source"), range(5), per_class=20)
+  root = shared_dir(tmp_path_factory, "folder_run")
   data_dir, workdir = os.path.join(root, "tfds"), os.path.join(root, "pretrain")
-  config = short_folder_config(folder, data_dir)
-  config.log_grad_norms = True
-  loop.train_and_evaluate(config, workdir)
+  with file_lock(os.path.join(root, "lock")):
+    if not os.path.exists(os.path.join(root, "trained")):
+      folder = digit_folder(os.path.join(root, "source"), range(5), per_class=20)
+      config = short_folder_config(folder, data_dir)
+      config.log_grad_norms = True
+      loop.train_and_evaluate(config, workdir)
+      open(os.path.join(root, "trained"), "w").close()
   return workdir, data_dir, root
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """Tests marked `run_first` first, then the other scopes (modules, classes) largest first.
+
+  pytest-xdist (--dist loadscope, with --no-loadscope-reorder) hands scopes out in this
+  order, so the longest scopes start at once, on different workers, instead of last.
+  """
+  def scope(item: pytest.Item) -> str:
+    return item.nodeid.rsplit("::", 1)[0]
+  sizes: dict[str, int] = {}
+  for item in items:
+    sizes[scope(item)] = sizes.get(scope(item), 0) + 1
+  items.sort(key=lambda item: (item.get_closest_marker("run_first") is None,
+                               -sizes[scope(item)], scope(item)))

@@ -4,6 +4,7 @@ import os
 
 import ml_collections
 import numpy as np
+import pytest
 
 from resnet_jax.training.config import base_config
 
@@ -48,3 +49,12 @@ def short_folder_config(folder: str, data_dir: str, steps: int = 4) -> ml_collec
   c.batch_size, c.num_train_steps, c.schedule = 16, steps, "constant"
   c.learning_rate, c.progress_bar, c.log_every_steps = 0.05, False, 2
   return c
+
+
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> str:
+  """A directory all pytest-xdist workers of this session share (without xdist: a new one)."""
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    return str(tmp_path_factory.mktemp(name))
+  path = tmp_path_factory.getbasetemp().parent / name  # the workers' basetemps sit side by side
+  path.mkdir(exist_ok=True)
+  return str(path)

@@ -1,7 +1,7 @@
 """Faults a run must survive: every row of `python -m resnet_jax.faults`, plus unit checks."""
 
-import json
 import os
+import re
 import signal
 
 import chex
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from resnet_jax import faults, pretrained
-from resnet_jax.training import loop, preemption
-from short_run import short_digits_config
+from resnet_jax.training import loop, preemption, reporting
+from short_run import shared_dir, short_digits_config
 
 
 @pytest.fixture
@@ -20,19 +20,18 @@ def config(digits_data_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits_data_dir):
-  """The fault runs of this module, sharing their uninterrupted reference runs."""
-  return faults.Runs(str(tmp_path_factory.mktemp("faults")), digits_data_dir)
+  """The fault runs, sharing their uninterrupted reference runs (across pytest workers too:
+  the first to need one trains it)."""
+  return faults.Runs(shared_dir(tmp_path_factory, "faults"), digits_data_dir)
 
 
-# Every row of the table runs here, in two classes that pytest-xdist (--dist loadscope) can
-# give to different workers: the multi-process rows, which share the 2-process reference run,
-# and the rest. Each class builds the 1-process reference once. Six rows run only with
-# `-m slow` (and in `python -m resnet_jax.faults`): with them the fast suite took 11 min on
-# 2 cores, over its 10-minute budget. Fast tests run their paths otherwise: the 2-process
-# jit rows start, checkpoint and resume 2 processes; the 1-process SIGTERM row stops and
-# resumes bitwise; the nan_policy tests below; test_image_folder's skipped-file tests;
-# test_training's damaged-checkpoint and pmap-checkpoint tests.
-SLOW_FAULTS = ()
+# Every row of the table runs here, in two classes that pytest-xdist (--dist loadscope) gives
+# to different workers first thing (they are the longest scopes): the multi-process rows,
+# which share the 2-process reference run, and the rest. One row runs only with -m slow: it
+# starts two more 2-process runs (~135 s of the suite on 2 cores; with it the suite took
+# 10-10.5 min, over its budget). Its paths run in fast rows too: the 1-process SIGTERM row
+# stops and resumes bitwise, the 2-process rows check for a stop signal every 2 steps.
+SLOW_FAULTS = ("SIGTERM to one of 2 processes",)
 MULTIPROCESS_FAULTS = [name for name in faults.FAULTS if "process" in name]
 
 
@@ -45,12 +44,14 @@ def check_fault(fault, runs):
   assert outcome.passed, f"{fault}: expected {outcome.expected}; {outcome.happened}"
 
 
+@pytest.mark.run_first
 class TestMultiProcessFaults:
   @pytest.mark.parametrize("fault", fault_params(MULTIPROCESS_FAULTS))
   def test_fault(self, fault, runs):
     check_fault(fault, runs)
 
 
+@pytest.mark.run_first
 class TestOneProcessFaults:
   @pytest.mark.parametrize(
       "fault", fault_params([n for n in faults.FAULTS if n not in MULTIPROCESS_FAULTS]))
@@ -62,17 +63,22 @@ def _params_at(workdir, step):
   return pretrained.load(os.path.join(workdir, "checkpoints", str(step))).variables["params"]
 
 
-def test_nan_policy_skip_leaves_the_state_unchanged_counts_skips_and_stops_after_k(
-    config, tmp_path):
-  config.learning_rate, config.num_train_steps = 1e6, 8
-  config.checkpoint_every_steps, config.nan_policy, config.max_consecutive_skips = 1, "skip", 3
-  with pytest.raises(loop.NonFiniteError, match="3 consecutive steps up to step 5"):
-    loop.train_and_evaluate(config, str(tmp_path))
-  # Steps 3 and 4 were skipped: the checkpoint at 4 holds step 2's weights, step counter 4.
-  chex.assert_trees_all_equal(_params_at(tmp_path, 4), _params_at(tmp_path, 2))
-  assert "5" not in os.listdir(tmp_path / "checkpoints")
-  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-  assert [r["train/skipped_steps"] for r in records if "train/loss" in r] == [0.0, 2.0]
+def test_nan_policy_skip_leaves_the_state_unchanged_counts_skips_and_stops_after_k(runs):
+  # The fault row's run (lr 1e6, skip: the same compiled step), checkpointing and logging
+  # every step, stopping after 3 consecutive skips.
+  workdir = runs.path("skip_until_stop")
+  result = runs.train(workdir, "--config.learning_rate=1e6", "--config.nan_policy=skip",
+                      "--config.max_consecutive_skips=3", "--config.checkpoint_every_steps=1",
+                      "--config.log_every_steps=1")
+  stop = re.search(r"3 consecutive steps up to step (\d+)", faults.last_line(result.stderr))
+  assert result.returncode == 1 and stop, result.stderr[-2000:]
+  last = int(stop.group(1))
+  # Steps last-2 .. last were skipped: the checkpoint at last-1 holds step last-3's weights.
+  chex.assert_trees_all_equal(_params_at(workdir, last - 1), _params_at(workdir, last - 3))
+  assert faults.checkpoint_steps(workdir)[-1] == last - 1
+  records = reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  skipped = {r["step"]: r["train/skipped_steps"] for r in records if "train/loss" in r}
+  assert skipped == {step: float(step >= last - 2) for step in range(1, last)}
 
 
 def test_nan_policy_stop_raises_at_the_first_non_finite_step(config):
