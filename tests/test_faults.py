@@ -27,11 +27,14 @@ def runs(tmp_path_factory, digits_data_dir):
 
 # Every row of the table runs here, in two classes that pytest-xdist (--dist loadscope) gives
 # to different workers first thing (they are the longest scopes): the multi-process rows,
-# which share the 2-process reference run, and the rest. One row runs only with -m slow: it
-# starts two more 2-process runs (~135 s of the suite on 2 cores; with it the suite took
-# 10-10.5 min, over its budget). Its paths run in fast rows too: the 1-process SIGTERM row
-# stops and resumes bitwise, the 2-process rows check for a stop signal every 2 steps.
-SLOW_FAULTS = ("SIGTERM to one of 2 processes",)
+# which share the 2-process reference run, and the rest. Three rows run only with -m slow:
+# with all 16 the suite took 10-10.5 min on 2 cores, over its 10-minute budget, and a fresh
+# clone's .ci/run with 15 of them 10 min 43 s. Their paths run in fast tests too: the
+# 1-process SIGTERM row stops and resumes bitwise, and every 2-process run checks for a stop
+# signal every 2 steps; test_training's pmap checkpoint resumed under jit; test_image_folder's
+# skipped-file tests.
+SLOW_FAULTS = ("SIGTERM to one of 2 processes", "checkpoint of 1 process resumed by 2 (pmap)",
+               "image folder with random bytes and a truncated PNG")
 MULTIPROCESS_FAULTS = [name for name in faults.FAULTS if "process" in name]
 
 
