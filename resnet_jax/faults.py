@@ -16,10 +16,8 @@ programs through XLA's persistent cache. `tests/test_faults.py` runs the same fa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import errno
-import fcntl
 import functools
 import json
 import os
@@ -32,10 +30,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+
+from resnet_jax.file_lock import file_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(REPO, "train.py")
@@ -137,17 +137,6 @@ class Runs:
     with open(metrics, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in records)
     return workdir
-
-
-@contextlib.contextmanager
-def file_lock(path: str) -> Iterator[None]:
-  """An exclusive lock on the file `path` while the block runs (across processes)."""
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cpu_env(devices: int) -> dict[str, str]:

@@ -31,7 +31,7 @@ def trained_folder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, s
   per session (the first worker that needs it trains it; the others wait and share it), with
   gradient norms logged; fine-tuning, probes, predict and the analysis tools start from its
   checkpoint."""
-  from resnet_jax.faults import file_lock
+  from resnet_jax.file_lock import file_lock
   from resnet_jax.training import loop
   from short_run import digit_folder, shared_dir, short_folder_config
 

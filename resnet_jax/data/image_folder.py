@@ -15,9 +15,7 @@ end, so nothing fails mid-epoch and nothing is dropped silently.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -29,6 +27,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
+
+from resnet_jax.file_lock import file_lock
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 EVAL_FOLDERS = ("val", "test")
@@ -220,18 +220,6 @@ def quiet_builder(builder_class: type, *args, **kwargs) -> tfds.core.DatasetBuil
     absl_logger.setLevel(level)
 
 
-@contextlib.contextmanager
-def _lock(path: str) -> Iterator[None]:
-  """Serialises preparation across processes (several on one host, or a shared disk)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _check_and_report(listing: FolderListing) -> tuple[dict[str, list[tuple[str, int]]], int]:
   """The readable files by split and their median short side; warns about every other one."""
   if listing.ignored_files:
@@ -276,7 +264,7 @@ def prepared_builder_dir(root: str, data_dir: str | None,
   probe = quiet_builder(FolderImages, listing, {}, data_dir=data_dir)
   builder_dir = str(probe.data_path)
   facts_path = os.path.join(builder_dir, FACTS_FILE)
-  with _lock(os.path.join(data_dir, probe.name, f"{probe.builder_config.name}.lock")):
+  with file_lock(os.path.join(data_dir, probe.name, f"{probe.builder_config.name}.lock")):
     if not os.path.exists(facts_path):
       total = sum(len(files) for files in listing.splits.values())
       logging.warning("Preparing image folder %s (%d files) into %s; this happens once for "
