@@ -55,7 +55,8 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
   """Validates the config against the dataset, model and devices; builds the steps.
 
   A dry run plans without data or memory: it passes the `dataset`'s info instead of
-  reading it, and `abstract_state` makes the initial state `jax.ShapeDtypeStruct`s.
+  reading it. `abstract_state` makes the initial state `jax.ShapeDtypeStruct`s (the dry run,
+  and the loop, which builds it with `make_initial_state` only when there is no checkpoint).
   """
   validate_config(config)
   info = dataset or data.get_dataset_info(config.dataset, config.data_dir or None,
