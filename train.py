@@ -10,10 +10,8 @@ nothing: it compiles the train step for abstract inputs and reports per-device m
 FLOPs, collectives and an estimated step time (resnet_jax/bench/dry_run.py).
 """
 
-import atexit
 import dataclasses
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data is only the input pipeline here.
 # tf.data needs no Keras, yet `import tensorflow` imports Keras 3 (and scikit-learn through
@@ -27,6 +25,7 @@ import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from resnet_jax.bench import dry_run, step_time, write_json  # noqa: E402
+from resnet_jax.training import startup  # noqa: E402
 from resnet_jax.training.checkpointing import CheckpointError  # noqa: E402
 from resnet_jax.training.loop import NonFiniteError, WriteError, train_and_evaluate  # noqa: E402
 
@@ -134,23 +133,8 @@ def main(argv: list[str]) -> None:
           f"top-5 {metrics['eval/top5_accuracy']:.2%}. Outputs in {_WORKDIR.value}/")
 
 
-def exit_now(code: int | str | None) -> None:
-  """`sys.exit(code)` without the C++ teardown of TensorFlow and XLA (~2 s on 2 cores).
-
-  Runs when the run is over (checkpoints committed, files closed): Python's exit handlers
-  still run (JAX's distributed shutdown, logging), then the process ends at once.
-  """
-  if code is not None and not isinstance(code, int):
-    print(code, file=sys.stderr)
-    code = 1
-  atexit._run_exitfuncs()  # noqa: SLF001 - what Python's own exit would run first
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(code or 0)
-
-
 if __name__ == "__main__":
   try:
     app.run(main, flags_parser=parse_flags)
   except SystemExit as e:  # app.run ends every run this way, successful or not
-    exit_now(e.code)
+    startup.exit_now(e.code)

@@ -407,9 +407,10 @@ def _failing_write_run(runs: Runs, name: str, what: str, step: int, error_number
   """`train_with_a_failing_write` in a new 1-CPU-device process: the short run's compiled
   programs, from the cache. Returns its last line."""
   workdir = runs.path(name)
-  code = ("import json, os, sys; from resnet_jax import faults; "
+  code = ("import json, sys; from resnet_jax import faults; "
+          "from resnet_jax.training import startup; "
           "faults.train_with_a_failing_write(*json.loads(sys.argv[1])); "
-          "sys.stdout.flush(); os._exit(0)")  # as train.py ends: without TF's C++ teardown
+          "startup.exit_now(0)")  # as train.py ends
   arguments = json.dumps([what, step, error_number, workdir, runs.data_dir, overrides])
   result = subprocess.run([sys.executable, "-c", code, arguments], cwd=REPO, env=cpu_env(1),
                           capture_output=True, text=True, timeout=600)

@@ -4,6 +4,7 @@
 steps) a file that the next run with the same program, devices and JAX version reads
 instead of compiling. `StartupClock` measures how long this process took to reach its
 first step and how much of that XLA spent compiling, from JAX's own monitoring events.
+`exit_now` ends a finished run without TensorFlow's slow C++ teardown.
 
 The cache is trusted code: anyone who can write to its directory can run code in your
 runs, so it lives in your home directory by default and is created private (mode 0700).
@@ -11,8 +12,10 @@ runs, so it lives in your home directory by default and is created private (mode
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import sys
 import time
 
 import jax
@@ -121,3 +124,18 @@ def describe(summary: dict[str, float]) -> str:
   return (f"First step after {summary['startup/seconds_to_first_step']:.1f} s "
           f"({summary['startup/compile_seconds']:.1f} s compiling, "
           f"{summary['startup/trace_seconds']:.1f} s tracing; {cached})")
+
+
+def exit_now(code: int | str | None) -> None:
+  """`sys.exit(code)` without the C++ teardown of TensorFlow and XLA (~2 s on 2 cores).
+
+  For when the run is over (checkpoints committed, files closed): Python's exit handlers
+  still run (JAX's distributed shutdown, logging), then the process ends at once.
+  """
+  if code is not None and not isinstance(code, int):
+    print(code, file=sys.stderr)
+    code = 1
+  atexit._run_exitfuncs()  # noqa: SLF001 - what Python's own exit would run first
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code or 0)
