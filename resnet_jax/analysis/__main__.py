@@ -26,6 +26,7 @@ from resnet_jax import data, pretrained
 from resnet_jax.analysis.blocks import block_gradients, branch_response_stds
 from resnet_jax.data.device_ops import normalize
 from resnet_jax.models import ResNet, create_model
+from resnet_jax.training.train_state import init_variables
 
 DEFAULT_DATASET = "digits"
 
@@ -53,9 +54,7 @@ def networks(models: Sequence[str], checkpoints: Sequence[str], dataset: str | N
     info = data.get_dataset_info(dataset or DEFAULT_DATASET, data_dir)
     for name in models:
       model = create_model(name, num_classes=info.num_classes, in_channels=info.image_shape[2])
-      shape = (1, *info.image_shape)
-      variables = jax.jit(lambda key, m=model: m.init(key, np.zeros(shape, np.float32)))(
-          jax.random.PRNGKey(seed))
+      variables = init_variables(model, jax.random.PRNGKey(seed), info.image_shape)
       found.append(Network(f"{name} (init)", model, jax.device_get(variables), False,
                            dataset or DEFAULT_DATASET, 0, "auto", None, None))
   for path in checkpoints:

@@ -68,6 +68,24 @@ class TrainState(struct.PyTreeNode):
     return {"params": params, "batch_stats": self.batch_stats}
 
 
+# The init program runs once, yet on CPU most of its compile time goes to LLVM optimising the
+# random initialisers at XLA's default -O2 (`xla_backend_optimization_level` 2). At -O1 it
+# compiles 2-4× faster (measured: a 4-wide ResNet-8 6.4 → 1.5 s, ResNet-20 5.7 → 2.2 s,
+# ResNet-50 9.4 → 5.8 s), runs as fast, and gives bitwise the same variables. (-O0 is faster
+# still but rounds the normal initialiser differently.) Train and eval steps keep -O2.
+_INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int, int]
+                   ) -> dict[str, PyTree]:
+  """`model.init` on one zero image of `image_shape` (H, W, C), jitted (eval-mode shapes)."""
+  traced = isinstance(rng, jax.core.Tracer)  # inside eval_shape or jit: no options of its own
+  init = jax.jit(
+      lambda key: model.init(key, jnp.zeros((1, *image_shape), model.dtype), train=False),
+      compiler_options=None if traced else _INIT_COMPILER_OPTIONS.get(jax.default_backend()))
+  return init(rng)
+
+
 def create_train_state(
     rng: jax.Array,
     model: nn.Module,
@@ -82,12 +100,7 @@ def create_train_state(
   other seeds the per-step randomness.
   """
   init_rng, step_rng = jax.random.split(rng)
-
-  @jax.jit
-  def init(init_rng):
-    return model.init(init_rng, jnp.zeros((1, *image_shape), model.dtype), train=False)
-
-  variables = init(init_rng)
+  variables = init_variables(model, init_rng, image_shape)
   params = variables["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32),
