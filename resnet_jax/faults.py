@@ -2,8 +2,8 @@
 
   python -m resnet_jax.faults [--workdir DIR] [--only NAME,...]
 
-Every fault runs the README's train command (ResNet-20 on the embedded digits, 20 steps on
-one CPU device) in a subprocess (or, for the write failures, in this process), injects the
+Every fault runs the README's train command on the embedded digits, made tiny (ResNet-8,
+20 steps of 32 on one CPU device) in a subprocess (or, for the write failures, in this process), injects the
 fault (a signal, a damaged checkpoint, a huge learning rate, a bad path or value, a folder
 of broken images, another number of processes) and checks what a user would see: the exit
 code, the one error line, the checkpoints left behind, and, where a run resumes, that its
@@ -41,7 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(REPO, "train.py")
 STEPS, HALF = 20, 10  # of the shared short run: checkpoints every 10, logs every 5
 # A constant learning rate makes the compiled step independent of the number of steps.
-SHORT_RUN = (f"--config.num_train_steps={STEPS}", "--config.log_every_steps=5",
+SHORT_RUN = ("--config.model=resnet8", f"--config.num_train_steps={STEPS}", "--config.log_every_steps=5",
              f"--config.checkpoint_every_steps={HALF}", f"--config.eval_every_steps={STEPS}",
              "--config.batch_size=32", "--config.schedule=constant")
 # Multi-process steps are slow on 2 cores (gloo), so multi-process runs continue the 1-process
@@ -352,7 +352,8 @@ def broken_images(runs: Runs) -> tuple[str, bool]:
   with open(truncated, "r+b") as f:
     f.truncate(40)
   result = runs.train(runs.path("broken_run"), f"--config.dataset=folder:{folder}",
-                      "--config.num_train_steps=2", "--config.batch_size=8", short_run=False)
+                      "--config.model=resnet8", "--config.num_train_steps=2", "--config.batch_size=8",
+                      short_run=False)
   named = "random.jpg" in result.stderr and "00.png" in result.stderr
   counted = re.search(r"Skipped 2 of \d+ image files", result.stderr) is not None
   return (f"exit {result.returncode}; warnings name both files: {named}; count of 2: "

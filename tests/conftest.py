@@ -27,7 +27,7 @@ def digits_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def trained_folder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
-  """(workdir, tfds data dir, root): 4 steps of ResNet-20 on a folder of digits 0-4, once
+  """(workdir, tfds data dir, root): 4 steps of ResNet-8 on a folder of digits 0-4, once
   per session (the first worker that needs it trains it; the others wait and share it), with
   gradient norms logged; fine-tuning, probes, predict and the analysis tools start from its
   checkpoint."""

@@ -10,11 +10,11 @@ from resnet_jax.training.config import base_config
 
 
 def short_digits_config(data_dir: str) -> ml_collections.ConfigDict:
-  """4 steps of ResNet-20 on the 8×8 digits, 32 per global batch, constant learning rate."""
+  """4 steps of ResNet-8 on the 8×8 digits, 32 per global batch, constant learning rate."""
   c = base_config()
   c.dataset = "digits"
   c.data_dir = data_dir
-  c.model = "resnet20"
+  c.model = "resnet8"
   c.batch_size = 32
   c.num_train_steps = 4
   c.schedule = "constant"
@@ -43,9 +43,9 @@ def digit_folder(root: str, digits, per_class: int, val_per_class: int = 0) -> s
 
 
 def short_folder_config(folder: str, data_dir: str, steps: int = 4) -> ml_collections.ConfigDict:
-  """`steps` steps of ResNet-20 on an image folder, 16 per global batch, constant lr."""
+  """`steps` steps of ResNet-8 on an image folder, 16 per global batch, constant lr."""
   c = base_config()
-  c.model, c.dataset, c.data_dir = "resnet20", f"folder:{folder}", data_dir
+  c.model, c.dataset, c.data_dir = "resnet8", f"folder:{folder}", data_dir
   c.batch_size, c.num_train_steps, c.schedule = 16, steps, "constant"
   c.learning_rate, c.progress_bar, c.log_every_steps = 0.05, False, 2
   return c

@@ -80,8 +80,8 @@ def test_layer_responses_of_a_trained_checkpoint_and_a_model_at_init(tmp_path,
                  "--batch_size", "16", "--out", str(tmp_path)])
   rows = _read_csv(tmp_path / "layer_responses.csv")
   assert list(rows[0]) == ["model", "block", "depth_index", "response_std"]
-  assert {r["model"] for r in rows} == {"plain20 (init)", "resnet20 (trained, step 4)"}
-  assert len(rows) == 18 and all(float(r["response_std"]) > 0 for r in rows)
+  assert {r["model"] for r in rows} == {"plain20 (init)", "resnet8 (trained, step 4)"}
+  assert len(rows) == 9 + 3 and all(float(r["response_std"]) > 0 for r in rows)
   assert os.path.getsize(tmp_path / "layer_responses.png") > 0
 
 

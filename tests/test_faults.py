@@ -27,19 +27,8 @@ def runs(tmp_path_factory, digits_data_dir):
 
 # Every row of the table runs here, in two classes that pytest-xdist (--dist loadscope) gives
 # to different workers first thing (they are the longest scopes): the multi-process rows,
-# which share the 2-process reference run, and the rest. Three rows run only with -m slow:
-# with all 16 the suite took 10-10.5 min on 2 cores, over its 10-minute budget, and a fresh
-# clone's .ci/run with 15 of them 10 min 43 s. Their paths run in fast tests too: the
-# 1-process SIGTERM row stops and resumes bitwise, and every 2-process run checks for a stop
-# signal every 2 steps; test_training's pmap checkpoint resumed under jit; test_image_folder's
-# skipped-file tests.
-SLOW_FAULTS = ("SIGTERM to one of 2 processes", "checkpoint of 1 process resumed by 2 (pmap)",
-               "image folder with random bytes and a truncated PNG")
+# which share the 2-process reference run, and the rest.
 MULTIPROCESS_FAULTS = [name for name in faults.FAULTS if "process" in name]
-
-
-def fault_params(names):
-  return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAULTS else n for n in names]
 
 
 def check_fault(fault, runs):
@@ -49,15 +38,14 @@ def check_fault(fault, runs):
 
 @pytest.mark.run_first
 class TestMultiProcessFaults:
-  @pytest.mark.parametrize("fault", fault_params(MULTIPROCESS_FAULTS))
+  @pytest.mark.parametrize("fault", MULTIPROCESS_FAULTS)
   def test_fault(self, fault, runs):
     check_fault(fault, runs)
 
 
 @pytest.mark.run_first
 class TestOneProcessFaults:
-  @pytest.mark.parametrize(
-      "fault", fault_params([n for n in faults.FAULTS if n not in MULTIPROCESS_FAULTS]))
+  @pytest.mark.parametrize("fault", [n for n in faults.FAULTS if n not in MULTIPROCESS_FAULTS])
   def test_fault(self, fault, runs):
     check_fault(fault, runs)
 

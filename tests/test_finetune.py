@@ -30,7 +30,7 @@ def test_a_checkpoint_records_its_model_and_loads_from_workdir_or_step(trained_f
   workdir, _, _ = trained_folder_run
   weights = pretrained.load(workdir)
   assert weights.path == os.path.join(workdir, "checkpoints", "4")
-  assert weights.info.model == "resnet20" and weights.info.num_classes == 5
+  assert weights.info.model == "resnet8" and weights.info.num_classes == 5
   assert weights.info.class_names == tuple(f"digit_{d}" for d in range(5))
   assert weights.info.in_channels == 3 and weights.info.image_size == 8  # folders are RGB
   same = pretrained.load(weights.path)
@@ -99,7 +99,7 @@ def test_init_from_another_architecture_names_both(trained_folder_run, digits_da
   config = short_digits_config(digits_data_dir)
   workdir = trained_folder_run[0]
   config.model, config.init_from = "resnet32", workdir
-  with pytest.raises(ValueError, match="holds resnet20 weights but config.model='resnet32'"):
+  with pytest.raises(ValueError, match="holds resnet8 weights but config.model='resnet32'"):
     loop.setup(config)
 
 

@@ -51,6 +51,14 @@ def test_cifar_parameter_count_matches_paper_table6(name, millions):
   assert round(count(variables["params"]) / 1e6, 2) == millions
 
 
+def test_resnet8_is_resnet20_without_the_later_blocks_of_each_stage():
+  resnet8 = abstract_variables(resnet_jax.create_model("resnet8", num_classes=10), 32)["params"]
+  resnet20 = abstract_variables(resnet_jax.create_model("resnet20", num_classes=10), 32)["params"]
+  kept = {name: tree for name, tree in resnet20.items() if not name.endswith(("_1", "_2"))}
+  chex.assert_trees_all_equal_shapes_and_dtypes(resnet8, kept)
+  assert count(resnet8) == 75_290  # 0.08 M
+
+
 def test_resnet110_parameter_count_matches_paper_table6():
   variables = abstract_variables(resnet_jax.create_model("resnet110", num_classes=10), 32)
   assert round(count(variables["params"]) / 1e6, 1) == 1.7

@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def config(digits_data_dir):
-  """A short digits run: ResNet-20 on 8×8 images, 4 examples per CPU device."""
+  """A short digits run: ResNet-8 on 8×8 images, 4 examples per CPU device."""
   return short_digits_config(digits_data_dir)
 
 
@@ -119,7 +119,7 @@ def test_checkpoint_from_8_device_pmap_restores_under_jit_and_resumes_on_one_dev
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
   command = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}",
              f"--config.data_dir={config.data_dir}", "--config.parallelism=jit",
-             "--config.batch_size=32", "--config.num_train_steps=4", "--config.schedule=constant",
+             f"--config.model={config.model}", "--config.batch_size=32", "--config.num_train_steps=4", "--config.schedule=constant",
              "--config.log_every_steps=2", "--config.progress_bar=False"]
   result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -282,7 +282,7 @@ def test_a_checkpoint_of_another_model_is_an_error_naming_both_not_a_fallback(tm
 
 @pytest.mark.parametrize("key,value,message", [
     ("batch_size", 12, "batch_size=12 is not divisible by the 8 devices"),
-    ("image_size", 2, "image_size=2 is too small for resnet20"),
+    ("image_size", 2, "image_size=2 is too small for resnet8"),
     ("dataset", "digts", "Did you mean 'digits'"),
     ("optimizer", "adam", "optimizer='adam': must be one of"),
 ])

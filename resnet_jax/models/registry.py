@@ -1,7 +1,8 @@
 """Named models: `create_model("resnet50", num_classes=10)` and `list_models()`.
 
 Names follow torchvision where it has the model; the CIFAR nets are those of He et al.
-(2015, section 4.2): 6n+2 layers, widths 16/32/64, shortcut option A. The plain nets of
+(2015, section 4.2): 6n+2 layers, widths 16/32/64, shortcut option A (plus resnet8, n = 1:
+the smallest of the family, for smoke tests and the fault suite's short runs). The plain nets of
 that paper (sections 4.1 and 4.2) are the same layers with no shortcut at all.
 """
 
@@ -38,7 +39,7 @@ _MODELS: dict[str, dict[str, Any]] = {
     "resnext101_64x4d": _imagenet(101, groups=64, width_per_group=4),
     "resnet50d": _imagenet(50, stem="deep", shortcut="avgpool"),
     **{f"preact_resnet{d}": _imagenet(d, preact=True) for d in (18, 34, 50, 101, 152)},
-    **{f"resnet{6 * n + 2}": _cifar(n) for n in (3, 5, 7, 9, 18, 200)},
+    **{f"resnet{6 * n + 2}": _cifar(n) for n in (1, 3, 5, 7, 9, 18, 200)},
     **{f"plain{6 * n + 2}": _cifar(n, shortcut="none") for n in (3, 5, 7, 9, 18)},
     **{f"plain{d}": _imagenet(d, shortcut="none") for d in (18, 34)},
 }
