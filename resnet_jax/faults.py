@@ -317,6 +317,33 @@ def workdir_is_a_file(runs: Runs) -> tuple[str, bool]:
   return _one_error_line(runs.train(a_file), r"^error: --workdir=.* is a file")
 
 
+def checkpoint_of_another_model(runs: Runs) -> tuple[str, bool]:
+  """The short run's finished workdir (ResNet-8) restarted as ResNet-20."""
+  workdir = runs.reference_until(runs.path("another_model"), STEPS)
+  before = checkpoint_steps(workdir)
+  shown, ok = _one_error_line(
+      runs.train(workdir, "--config.model=resnet20", "--config.num_train_steps=30"),
+      r"^error: The checkpoint .*/20 \(resnet8, 10 classes\) does not fit this config "
+      r"\(resnet20, 10 classes\)")
+  kept = checkpoint_steps(workdir) == before and not os.path.exists(
+      os.path.join(workdir, "checkpoints_damaged"))
+  shown = shown if len(shown) <= 150 else f"{shown[:150]}…"
+  return f"{shown}; checkpoints kept: {kept}", ok and kept
+
+
+def unwritable_workdir(runs: Runs) -> tuple[str, bool]:
+  """A workdir in a read-only directory; root may write anywhere, so for root a path under
+  /sys, where not even root may create a directory."""
+  if os.geteuid() == 0:
+    workdir = "/sys/resnet_jax_faults_run"
+  else:
+    read_only = runs.path("read_only")
+    os.makedirs(read_only, exist_ok=True)
+    os.chmod(read_only, 0o555)
+    workdir = os.path.join(read_only, "run")
+  return _one_error_line(runs.train(workdir), r"^error: cannot create --workdir=")
+
+
 def missing_config_file(runs: Runs) -> tuple[str, bool]:
   result = subprocess.run([sys.executable, TRAIN_PY, f"--workdir={runs.path('x')}",
                            "--config=configs/no_such.py", "--config.num_train_steps=3"],
@@ -497,7 +524,11 @@ FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
         "stop: one error, earlier checkpoints intact; continue: finishes", checkpoint_write_fails),
     "metrics write fails (read-only)": ("continue: a warning, training finishes",
                                         metrics_write_fails),
+    "checkpoint of another model": (
+        "one error line naming both models, exit 1, no checkpoint moved or deleted",
+        checkpoint_of_another_model),
     "--workdir is a file": ("one error line, exit 1", workdir_is_a_file),
+    "--workdir not writable": ("one error line, exit 1", unwritable_workdir),
     "missing --config file": ("one error line, exit 1", missing_config_file),
     "out-of-range value": ("one error line naming the key", out_of_range_value),
     "wrong-typed value": ("one error line naming the flag", wrong_typed_value),

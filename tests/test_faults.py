@@ -89,11 +89,12 @@ def test_a_workdir_that_is_a_file_or_cannot_be_created_is_one_clear_error(tmp_pa
     loop.prepare_workdir(str(a_file / "run"))
 
 
-def test_the_first_sigterm_is_caught_and_the_second_would_end_the_process():
-  previous = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", preemption.SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_the_first_sigterm_or_sigint_is_caught_and_the_second_would_end_the_process(signum):
+  previous = {s: signal.getsignal(s) for s in preemption.SIGNALS}
   with preemption.StopSignal() as stop_signal:
     assert not stop_signal.should_stop(1)
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert stop_signal.should_stop(2) and stop_signal.name == "SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-  assert signal.getsignal(signal.SIGTERM) is previous
+    os.kill(os.getpid(), signum)
+    assert stop_signal.should_stop(2) and stop_signal.name == signal.Signals(signum).name
+    assert all(signal.getsignal(s) is signal.SIG_DFL for s in preemption.SIGNALS)
+  assert {s: signal.getsignal(s) for s in preemption.SIGNALS} == previous

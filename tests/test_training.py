@@ -274,7 +274,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restore
 def test_a_checkpoint_of_another_model_is_an_error_naming_both_not_a_fallback(tmp_path):
   manager, _ = _tiny_checkpoints(tmp_path, (2,), num_classes=10)
   _, five_classes = _tiny_checkpoints(tmp_path / "other", (), num_classes=5)
-  with pytest.raises(ValueError, match=r"checkpoints/2 does not fit this config .*fc/kernel"):
+  with pytest.raises(ValueError, match=r"checkpoints/2 does not fit this config: .*fc/kernel"):
     checkpointing.restore_latest(manager, five_classes)
   assert manager.all_steps() == [2]
   manager.close()

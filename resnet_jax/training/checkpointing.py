@@ -91,14 +91,28 @@ def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   return target
 
 
-def restore_latest(manager: ocp.CheckpointManager,
-                   template: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+def _holding_info(info: pretrained.ModelInfo | None) -> str:
+  return f" ({info.model}, {info.num_classes} classes)" if info else ""
+
+
+def _holding(step_dir: str) -> str:
+  """What the checkpoint records of its model, as " (resnet8, 10 classes)", or ""."""
+  try:
+    return _holding_info(pretrained.load_info(step_dir))
+  except (ValueError, OSError):
+    return ""
+
+
+def restore_latest(manager: ocp.CheckpointManager, template: TrainState,
+                   expected: pretrained.ModelInfo | None = None
+                   ) -> tuple[TrainState, dict[str, Any]] | None:
   """Restores the newest readable checkpoint into `template`'s structure and shardings.
 
   A damaged checkpoint (unreadable, truncated, half-written) is moved aside with a warning
   and the next older one is tried; RuntimeError only when none is readable. A readable
   checkpoint that does not fit the template (another model, class count or optimizer) is
-  a ValueError naming both: never a silent fallback to an older one. CheckpointError
+  a ValueError naming both (the model and classes the checkpoint records and `expected`,
+  what the config builds): never a silent fallback to an older one. CheckpointError
   when checkpoints exist but none is readable.
   """
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(template))
@@ -108,9 +122,10 @@ def restore_latest(manager: ocp.CheckpointManager,
     mismatches = _stored_state_mismatches(step_dir, target)
     if mismatches:
       raise ValueError(
-          f"The checkpoint {step_dir} does not fit this config ({len(mismatches)} "
-          f"differences, e.g. {'; '.join(mismatches[:3])}): it was written for another model "
-          "or config. Use a new --workdir, or the config it was written with.")
+          f"The checkpoint {step_dir}{_holding(step_dir)} does not fit this config"
+          f"{_holding_info(expected)}: {len(mismatches)} differences, e.g. "
+          f"{'; '.join(mismatches[:3])}. Use a new --workdir, or the config it was written "
+          "with.")
     try:
       if mismatches is None:
         raise ValueError("its state metadata cannot be read")

@@ -307,7 +307,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                   config.best_checkpoint_metric)
   replicated = parallel.replicated_sharding()
   restored = checkpointing.restore_latest(manager, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), exp.initial_state))
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), exp.initial_state),
+      expected=model_info(exp))
   if restored is None:
     state, start_step, start_batch = exp.make_initial_state(), 0, 0
     logging.info("Starting %s on %s from scratch in %s", config.model, config.dataset, workdir)
