@@ -3,13 +3,14 @@
   python -m resnet_jax.faults [--workdir DIR] [--only NAME,...]
 
 Every fault runs the README's train command on the embedded digits, made tiny (ResNet-8,
-20 steps of 32 on one CPU device) in a subprocess (or, for the write failures, in this process), injects the
-fault (a signal, a damaged checkpoint, a huge learning rate, a bad path or value, a folder
-of broken images, another number of processes) and checks what a user would see: the exit
-code, the one error line, the checkpoints left behind, and, where a run resumes, that its
-final weights equal an uninterrupted run's bit for bit. Multi-process runs are 2 train.py
-processes × 4 CPU devices on this machine (jax.distributed over localhost, gloo) that
-continue the 1-process run from its checkpoint at step 10. The runs share compiled
+20 steps of 32 on one CPU device), in a subprocess (for the write failures, a Python one
+that patches the write), injects the fault (a signal, a damaged checkpoint, a huge learning
+rate, a bad path or value, a folder of broken images, another number of processes) and
+checks what a user would see: the exit code, the one error line, the checkpoints left
+behind, and, where a run resumes, that its final weights equal an uninterrupted run's bit
+for bit. Multi-process runs are 2 train.py processes × 4 CPU devices on this machine
+(jax.distributed over localhost, gloo) that continue the 1-process run from its checkpoint
+at step 10. The runs share compiled
 programs through XLA's persistent cache. `tests/test_faults.py` runs the same faults.
 """
 
@@ -41,9 +42,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(REPO, "train.py")
 STEPS, HALF = 20, 10  # of the shared short run: checkpoints every 10, logs every 5
 # A constant learning rate makes the compiled step independent of the number of steps.
-SHORT_RUN = ("--config.model=resnet8", f"--config.num_train_steps={STEPS}", "--config.log_every_steps=5",
-             f"--config.checkpoint_every_steps={HALF}", f"--config.eval_every_steps={STEPS}",
-             "--config.batch_size=32", "--config.schedule=constant")
+SHORT_RUN = ("--config.model=resnet8", f"--config.num_train_steps={STEPS}",
+             "--config.log_every_steps=5", f"--config.checkpoint_every_steps={HALF}",
+             f"--config.eval_every_steps={STEPS}", "--config.batch_size=32",
+             "--config.schedule=constant")
 # Multi-process steps are slow on 2 cores (gloo), so multi-process runs continue the 1-process
 # reference from its checkpoint at step 10 to step 16; they log and check for a stop signal
 # every 2 steps.
@@ -187,6 +189,11 @@ def logged_train_steps(workdir: str) -> list[int]:
           if "train/loss" in r]
 
 
+def shortened(text: str, limit: int) -> str:
+  """`text`, cut to `limit` characters and an ellipsis when longer."""
+  return text if len(text) <= limit else f"{text[:limit]}…"
+
+
 def last_line(text: str) -> str:
   lines = [line for line in text.strip().splitlines() if line.strip()]
   return lines[-1] if lines else ""
@@ -283,7 +290,8 @@ def nan_stop(runs: Runs) -> tuple[str, bool]:
   saved = checkpoint_steps(workdir)
   finite = bool(saved) and all(np.all(np.isfinite(x)) for x in
                                jax.tree.leaves(final_variables(workdir)))
-  return (f"exit {result.returncode}: {last_line(result.stderr)[:90]}…; checkpoints {saved}, "
+  return (f"exit {result.returncode}: {shortened(last_line(result.stderr), 90)}; "
+          f"checkpoints {saved}, "
           f"finite: {finite}"), (
               result.returncode == 1 and bool(bad) and finite
               and max(saved) == int(bad.group(1)) - 1)
@@ -327,8 +335,7 @@ def checkpoint_of_another_model(runs: Runs) -> tuple[str, bool]:
       r"\(resnet20, 10 classes\)")
   kept = checkpoint_steps(workdir) == before and not os.path.exists(
       os.path.join(workdir, "checkpoints_damaged"))
-  shown = shown if len(shown) <= 150 else f"{shown[:150]}…"
-  return f"{shown}; checkpoints kept: {kept}", ok and kept
+  return f"{shortened(shown, 150)}; checkpoints kept: {kept}", ok and kept
 
 
 def unwritable_workdir(runs: Runs) -> tuple[str, bool]:
@@ -379,8 +386,8 @@ def broken_images(runs: Runs) -> tuple[str, bool]:
   with open(truncated, "r+b") as f:
     f.truncate(40)
   result = runs.train(runs.path("broken_run"), f"--config.dataset=folder:{folder}",
-                      "--config.model=resnet8", "--config.num_train_steps=2", "--config.batch_size=8",
-                      short_run=False)
+                      "--config.model=resnet8", "--config.num_train_steps=2",
+                      "--config.batch_size=8", short_run=False)
   named = "random.jpg" in result.stderr and "00.png" in result.stderr
   counted = re.search(r"Skipped 2 of \d+ image files", result.stderr) is not None
   return (f"exit {result.returncode}; warnings name both files: {named}; count of 2: "
@@ -443,8 +450,7 @@ def _failing_write_run(runs: Runs, name: str, what: str, step: int, error_number
   result = subprocess.run([sys.executable, "-c", code, arguments], cwd=REPO, env=cpu_env(1),
                           capture_output=True, text=True, timeout=600)
   outcome = last_line(result.stdout) if result.returncode == 0 else _failure([result])
-  shown = outcome if len(outcome) <= 80 else f"{outcome[:80]}…"
-  return f"{shown} checkpoints {checkpoint_steps(workdir)}"
+  return f"{shortened(outcome, 80)} checkpoints {checkpoint_steps(workdir)}"
 
 
 def checkpoint_write_fails(runs: Runs) -> tuple[str, bool]:

@@ -119,7 +119,8 @@ def test_checkpoint_from_8_device_pmap_restores_under_jit_and_resumes_on_one_dev
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
   command = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}",
              f"--config.data_dir={config.data_dir}", "--config.parallelism=jit",
-             f"--config.model={config.model}", "--config.batch_size=32", "--config.num_train_steps=4", "--config.schedule=constant",
+             f"--config.model={config.model}", "--config.batch_size=32",
+             "--config.num_train_steps=4", "--config.schedule=constant",
              "--config.log_every_steps=2", "--config.progress_bar=False"]
   result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -2,8 +2,8 @@
 
 Names follow torchvision where it has the model; the CIFAR nets are those of He et al.
 (2015, section 4.2): 6n+2 layers, widths 16/32/64, shortcut option A (plus resnet8, n = 1:
-the smallest of the family, for smoke tests and the fault suite's short runs). The plain nets of
-that paper (sections 4.1 and 4.2) are the same layers with no shortcut at all.
+the smallest of the family, for smoke tests and the fault suite's short runs). The plain
+nets of that paper (sections 4.1 and 4.2) are the same layers with no shortcut at all.
 """
 
 from __future__ import annotations

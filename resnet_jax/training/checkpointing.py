@@ -91,16 +91,17 @@ def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   return target
 
 
-def _holding_info(info: pretrained.ModelInfo | None) -> str:
+def _model_in_brackets(info: pretrained.ModelInfo | None) -> str:
+  """" (resnet8, 10 classes)", or "" without an info."""
   return f" ({info.model}, {info.num_classes} classes)" if info else ""
 
 
-def _holding(step_dir: str) -> str:
-  """What the checkpoint records of its model, as " (resnet8, 10 classes)", or ""."""
+def _recorded_model(step_dir: str) -> pretrained.ModelInfo | None:
+  """The model a checkpoint records, or None when it records none readable."""
   try:
-    return _holding_info(pretrained.load_info(step_dir))
+    return pretrained.load_info(step_dir)
   except (ValueError, OSError):
-    return ""
+    return None
 
 
 def restore_latest(manager: ocp.CheckpointManager, template: TrainState,
@@ -122,8 +123,8 @@ def restore_latest(manager: ocp.CheckpointManager, template: TrainState,
     mismatches = _stored_state_mismatches(step_dir, target)
     if mismatches:
       raise ValueError(
-          f"The checkpoint {step_dir}{_holding(step_dir)} does not fit this config"
-          f"{_holding_info(expected)}: {len(mismatches)} differences, e.g. "
+          f"The checkpoint {step_dir}{_model_in_brackets(_recorded_model(step_dir))} does not "
+          f"fit this config{_model_in_brackets(expected)}: {len(mismatches)} differences, e.g. "
           f"{'; '.join(mismatches[:3])}. Use a new --workdir, or the config it was written "
           "with.")
     try:
