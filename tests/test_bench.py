@@ -12,6 +12,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from resnet_jax.bench import compile_time, input as input_bench, throughput
@@ -96,6 +97,11 @@ def test_throughput_times_the_plain_conv_path_in_the_same_run(throughput_compari
   assert record["speedups"]["plain"] == pytest.approx(
       ours["images_per_sec"] / plain["images_per_sec"])
   assert record["torch"] == [] and "ours / plain:" in printed
+  # then one step of each in turn, --steps rounds: the ratio a drifting machine cannot skew
+  interleaved = record["plain_interleaved"]
+  assert len(interleaved) == record["ours"]["steps"] and min(interleaved) > 0
+  assert record["speedups"]["plain_interleaved"] == pytest.approx(np.median(interleaved))
+  assert f"one step of each in turn ({len(interleaved)} rounds): median" in printed
 
 
 def test_throughput_flags_a_batch_that_does_not_split_over_devices(capsys):

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +98,39 @@ def time_train_steps(exp: Experiment, steps: int, warmup_steps: int) -> StepTime
   return StepTimes(first_step_s, step_s, host_input_s / steps)
 
 
+def step_timer(exp: Experiment) -> Callable[[], float]:
+  """A function that runs one more train step of `exp` (compiled already) and returns its
+  seconds; it trains its own copy of the initial state on one batch."""
+  dp = exp.data_parallel
+  state = dp.put_state(exp.initial_state)
+  batch = dp.put_batch(next(train_batches(exp, 0)))
+  state, _ = dp.train_step(state, batch)
+  jax.block_until_ready(state)
+
+  def time_one_step() -> float:
+    nonlocal state
+    start = time.perf_counter()
+    state, _ = dp.train_step(state, batch)
+    jax.block_until_ready(state)
+    return time.perf_counter() - start
+
+  return time_one_step
+
+
+def interleaved_ratios(ours: Experiment, other: Experiment, rounds: int) -> list[float]:
+  """`other`'s step time over ours, round by round, one step of each in turn.
+
+  Both see the same machine in each round, so the ratio holds where the absolute speed
+  drifts (a shared VM's does by ±15% within minutes).
+  """
+  timers = (step_timer(ours), step_timer(other))
+  ratios = []
+  for _ in range(rounds):
+    ours_s, other_s = (time_one_step() for time_one_step in timers)
+    ratios.append(other_s / ours_s)
+  return ratios
+
+
 def train_step_flops(exp: Experiment) -> float:
   """FLOPs of one train step on the global batch: XLA's cost analysis, lowered for the CPU.
 
@@ -140,8 +174,9 @@ def default_matmul_size() -> int:
 
 
 def benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup_steps: int,
-              matmul_size: int, matmul_reps: int) -> ThroughputResult:
-  """Measures the train step of `config` and the matmul ceiling on the same devices."""
+              matmul_size: int, matmul_reps: int) -> tuple[ThroughputResult, Experiment]:
+  """Measures the train step of `config` and the matmul ceiling on the same devices;
+  returns the result and the experiment (its step compiled)."""
   exp = setup(config)
   times = time_train_steps(exp, steps, warmup_steps)
   flops = train_step_flops(exp)
@@ -157,7 +192,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup_steps: in
       images_per_sec=config.batch_size / times.step_s, train_step_gflop=flops / 1e9,
       flops_source=FLOPS_SOURCE, train_step_gflop_per_s=achieved / 1e9,
       matmul_size=matmul_size, matmul_gflop_per_s=ceiling / 1e9,
-      ratio_to_matmul=achieved / ceiling)
+      ratio_to_matmul=achieved / ceiling), exp
 
 
 def format_result(r: ThroughputResult) -> str:
@@ -188,11 +223,15 @@ class Comparison:
   ours: ThroughputResult
   plain: ThroughputResult | None  # layer_impl="plain"; None when ours is that already
   torch: list[torch_reference.TorchResult]
+  # plain's step time / ours, per round of one step each in turn (empty without plain)
+  plain_interleaved: list[float] = dataclasses.field(default_factory=list)
 
   def speedups(self) -> dict[str, float]:
-    """Our images/sec over each reference's."""
+    """Our images/sec over each reference's; "plain_interleaved": the median round's."""
     ratios = {} if self.plain is None else {
         "plain": self.ours.images_per_sec / self.plain.images_per_sec}
+    if self.plain_interleaved:
+      ratios["plain_interleaved"] = statistics.median(self.plain_interleaved)
     for t in self.torch:
       ratios[f"torchvision_{t.memory_format}"] = self.ours.images_per_sec / t.images_per_sec
     return ratios
@@ -201,21 +240,23 @@ class Comparison:
 def compare(config: ml_collections.ConfigDict, *, steps: int, warmup_steps: int,
             matmul_size: int, matmul_reps: int, compare_plain: bool = True,
             compare_torch: bool = False) -> Comparison:
-  """Benchmarks `config`, then the plain conv path and torchvision, one after the other."""
+  """Benchmarks `config`, then the plain conv path and torchvision, one after the other;
+  then ours and plain again, one step of each in turn for `steps` rounds."""
   measure = dict(steps=steps, warmup_steps=warmup_steps, matmul_size=matmul_size,
                  matmul_reps=matmul_reps)
-  ours = benchmark(config, **measure)
-  plain = None
+  ours, ours_exp = benchmark(config, **measure)
+  plain, interleaved = None, []
   if compare_plain and ours.layer_impl != "plain":
     plain_config = config.copy_and_resolve_references()
     plain_config.layer_impl = "plain"
-    plain = benchmark(plain_config, **measure)
+    plain, plain_exp = benchmark(plain_config, **measure)
+    interleaved = interleaved_ratios(ours_exp, plain_exp, steps)
   torch_results = [
       torch_reference.time_torchvision(
           config.model, batch_size=config.batch_size, image_size=ours.image_size,
           dtype=config.dtype, steps=steps, warmup_steps=warmup_steps, channels_last=layout)
       for layout in ((False, True) if compare_torch else ())]
-  return Comparison(ours, plain, torch_results)
+  return Comparison(ours, plain, torch_results, interleaved)
 
 
 def format_comparison(c: Comparison) -> str:
@@ -231,8 +272,13 @@ def format_comparison(c: Comparison) -> str:
     name = f"torchvision {t.memory_format}" + (f" {t.autocast_dtype} AMP" if t.autocast_dtype
                                                 else "")
     lines.append(f"{name:<26} {t.images_per_sec:>10.2f} img/s")
-  lines += [f"ours / {name}: {ratio:.2f}x" for name, ratio in c.speedups().items()]
+  lines += [f"ours / {name}: {ratio:.2f}x" for name, ratio in c.speedups().items()
+            if name != "plain_interleaved"]
   parts.append("same run, one after the other:\n" + "\n".join(lines))
+  if c.plain_interleaved:
+    r = c.plain_interleaved
+    parts.append(f"ours / plain, one step of each in turn ({len(r)} rounds): median "
+                 f"{statistics.median(r):.2f}x (range {min(r):.2f}-{max(r):.2f}x)")
   return "\n\n".join(parts)
 
 

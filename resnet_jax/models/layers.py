@@ -52,14 +52,100 @@ def conv_1x1_as_dot(lhs: Array, rhs: Array, window_strides: Sequence[int], paddi
   """
   if not is_pointwise(rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
                       feature_group_count):
+    if has_canonical_grads(rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
+                           feature_group_count):
+      return conv_with_canonical_grads(lhs, rhs, tuple(map(tuple, padding)), precision,
+                                       preferred_element_type)
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
   stride_h, stride_w = window_strides
   x = lhs[:, ::stride_h, ::stride_w, :] if (stride_h, stride_w) != (1, 1) else lhs
-  return jax.lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision,
+  return pointwise_matmul(x, rhs[0, 0], precision, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def pointwise_matmul(x: Array, kernel: Array, precision: Any = None,
+                     preferred_element_type: Any = None) -> Array:
+  """x [..., C_in] @ kernel [C_in, C_out]: a 1×1 conv as a matmul over channels."""
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=preferred_element_type)
+
+
+def _matmul_fwd(x, kernel, precision, preferred_element_type):
+  return pointwise_matmul(x, kernel, precision, preferred_element_type), (x, kernel)
+
+
+def _matmul_bwd(precision, preferred_element_type, residuals, dy):
+  x, kernel = residuals
+  dy = dy.astype(x.dtype)
+  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
+  rows = tuple(range(x.ndim - 1))
+  # The weight gradient contracts the pixels, which both operands hold as rows; XLA:CPU
+  # transposes one of them for its matmul. Transpose the smaller one.
+  if x.shape[-1] < dy.shape[-1]:
+    dkernel = jax.lax.dot_general(x, dy, ((rows, rows), ((), ())), precision=precision)
+  else:
+    dkernel = jax.lax.dot_general(dy, x, ((rows, rows), ((), ())), precision=precision).T
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+pointwise_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def has_canonical_grads(rhs_shape: tuple[int, ...], window_strides: Sequence[int], padding: Any,
+                        lhs_dilation: Sequence[int] | None, rhs_dilation: Sequence[int] | None,
+                        feature_group_count: int) -> bool:
+  """Whether `conv_with_canonical_grads` computes this conv: stride 1, dense, ungrouped,
+  explicit padding of at most kernel - 1 on each side."""
+  if isinstance(padding, str) or feature_group_count != 1 or tuple(window_strides) != (1, 1):
+    return False
+  if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+    return False
+  return all(0 <= low <= k - 1 and 0 <= high <= k - 1
+             for (low, high), k in zip(padding, rhs_shape[:2]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_with_canonical_grads(x: Array, kernel: Array, padding: tuple[tuple[int, int], ...],
+                              precision: Any = None, preferred_element_type: Any = None) -> Array:
+  """A stride-1 NHWC × HWIO conv whose two gradients are NHWC × HWIO convs as well.
+
+  XLA:CPU hands a convolution to its fast kernels only in the layout NHWC × HWIO → NHWC;
+  autodiff's gradient convs have other layouts, and XLA rewrites them (with transposes)
+  only outside loops. Inside a loop (`scan_blocks`) it emitted them as plain loop nests,
+  slow to compile and 30× slower to run; written out here, they stay fast everywhere.
+  """
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=NHWC_HWIO,
+                                      precision=precision,
+                                      preferred_element_type=preferred_element_type)
+
+
+def _conv_fwd(x, kernel, padding, precision, preferred_element_type):
+  y = conv_with_canonical_grads(x, kernel, padding, precision, preferred_element_type)
+  return y, (x, kernel)
+
+
+def _conv_bwd(padding, precision, preferred_element_type, residuals, dy):
+  x, kernel = residuals
+  dy = dy.astype(x.dtype)
+  # dx: dy correlated with the kernel turned 180° and its in/out axes swapped.
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  dx_padding = [(k - 1 - low, k - 1 - high) for (low, high), k in zip(padding, kernel.shape[:2])]
+  dx = jax.lax.conv_general_dilated(dy, flipped, (1, 1), dx_padding,
+                                    dimension_numbers=NHWC_HWIO, precision=precision)
+  # dkernel: channels in as the batch, the batch as the contracted features, dy as the kernel.
+  dkernel = jax.lax.conv_general_dilated(
+      jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1), padding,
+      dimension_numbers=NHWC_HWIO, precision=precision)
+  return dx.astype(x.dtype), jnp.transpose(dkernel, (1, 2, 0, 3)).astype(kernel.dtype)
+
+
+conv_with_canonical_grads.defvjp(_conv_fwd, _conv_bwd)
 
 
 def resolve_layer_impl(impl: str) -> str:
@@ -132,9 +218,8 @@ def max_pool_3x3_s2(x: Array, layer_impl: str = "plain") -> Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
   height, width = (x.shape[1] + 1) // 2, (x.shape[2] + 1) // 2  # outputs per side
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  slices = [padded[:, i:i + 2 * height - 1:2, j:j + 2 * width - 1:2, :]
-            for i in range(3) for j in range(3)]
-  return functools.reduce(jnp.maximum, slices)
+  rows = functools.reduce(jnp.maximum, [padded[:, i:i + 2 * height - 1:2] for i in range(3)])
+  return functools.reduce(jnp.maximum, [rows[:, :, j:j + 2 * width - 1:2] for j in range(3)])
 
 
 class Shortcut(nn.Module):
