@@ -61,30 +61,36 @@ def conv_1x1_as_dot(lhs: Array, rhs: Array, window_strides: Sequence[int], paddi
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
   stride_h, stride_w = window_strides
-  x = lhs[:, ::stride_h, ::stride_w, :] if (stride_h, stride_w) != (1, 1) else lhs
-  return pointwise_matmul(x, rhs[0, 0], precision, preferred_element_type)
+  strided = (stride_h, stride_w) != (1, 1)
+  x = lhs[:, ::stride_h, ::stride_w, :] if strided else lhs
+  return pointwise_matmul(x, rhs[0, 0], precision, preferred_element_type, strided)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def pointwise_matmul(x: Array, kernel: Array, precision: Any = None,
-                     preferred_element_type: Any = None) -> Array:
-  """x [..., C_in] @ kernel [C_in, C_out]: a 1×1 conv as a matmul over channels."""
+                     preferred_element_type: Any = None, x_is_strided: bool = False) -> Array:
+  """x [..., C_in] @ kernel [C_in, C_out]: a 1×1 conv as a matmul over channels.
+
+  Its weight gradient contracts the pixels, which x and the output gradient both hold as
+  rows, so XLA:CPU transposes one of them for its matmul. This transposes the one with
+  fewer channels, unless `x_is_strided` (a strided slice, which XLA reads scattered into
+  the transposed copy: 3-7× slower per element than a contiguous operand here).
+  """
   return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=preferred_element_type)
 
 
-def _matmul_fwd(x, kernel, precision, preferred_element_type):
-  return pointwise_matmul(x, kernel, precision, preferred_element_type), (x, kernel)
+def _matmul_fwd(x, kernel, precision, preferred_element_type, x_is_strided):
+  y = pointwise_matmul(x, kernel, precision, preferred_element_type, x_is_strided)
+  return y, (x, kernel)
 
 
-def _matmul_bwd(precision, preferred_element_type, residuals, dy):
+def _matmul_bwd(precision, preferred_element_type, x_is_strided, residuals, dy):
   x, kernel = residuals
   dy = dy.astype(x.dtype)
   dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
   rows = tuple(range(x.ndim - 1))
-  # The weight gradient contracts the pixels, which both operands hold as rows; XLA:CPU
-  # transposes one of them for its matmul. Transpose the smaller one.
-  if x.shape[-1] < dy.shape[-1]:
+  if x.shape[-1] < dy.shape[-1] and not x_is_strided:
     dkernel = jax.lax.dot_general(x, dy, ((rows, rows), ((), ())), precision=precision)
   else:
     dkernel = jax.lax.dot_general(dy, x, ((rows, rows), ((), ())), precision=precision).T

@@ -22,6 +22,7 @@ import numpy as np
 from resnet_jax import data, linear_probe, pretrained
 from resnet_jax.data.device_ops import InputTransform
 from resnet_jax.models import ResNet, create_model
+from resnet_jax.models.layers import resolve_layer_impl
 from resnet_jax.training import (checkpointing, optimizers, parallel, preemption, reporting,
                                  startup, steps)
 from resnet_jax.training.config import validate_config
@@ -298,10 +299,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         startup_clock: startup.StartupClock) -> dict[str, float]:
   # Shapes only: a resumed run restores its state without initialising one first.
   exp = setup(config, abstract_state=True)
-  if config.scan_blocks and jax.default_backend() == "cpu":
-    logging.warning("scan_blocks on CPU: XLA:CPU runs the convolutions inside the scan loops "
-                    "with a slow kernel (ResNet-50: 6.7x the unrolled step time, BENCHMARKS.md); "
-                    "it compiles faster, but trains slower")
+  if (config.scan_blocks and jax.default_backend() == "cpu"
+      and (resolve_layer_impl(config.layer_impl) == "plain" or exp.model.groups > 1)):
+    logging.warning("scan_blocks on CPU with layer_impl=plain or grouped convolutions: XLA:CPU "
+                    "leaves the gradient convolutions inside the scan loops in layouts it runs "
+                    "slowly (ResNet-50: 6.7x the unrolled step time, until the tuned layers wrote "
+                    "them out; BENCHMARKS.md); it compiles faster, but trains slower")
   is_main_process = jax.process_index() == 0
   manager = checkpointing.make_checkpoint_manager(workdir, config.keep_checkpoints,
                                                   config.best_checkpoint_metric)
