@@ -315,3 +315,20 @@ def test_tuned_max_pool_equals_reduce_window_in_output_and_gradient(side):
             jax.grad(lambda x, impl: jnp.sum(max_pool_3x3_s2(x, impl)**2))):
     f = jax.jit(f, static_argnums=1)
     chex.assert_trees_all_equal(f(x, "tuned"), f(x, "plain"))
+
+
+@pytest.mark.parametrize("kernel_size,padding", [(3, ((1, 1), (1, 1))), (3, ((0, 2), (2, 0))),
+                                                 (5, ((2, 2), (1, 3))), (1, ((0, 0), (0, 0)))])
+def test_conv_with_written_out_gradients_equals_xla_conv_in_output_and_gradients(kernel_size,
+                                                                                 padding):
+  from resnet_jax.models.layers import NHWC_HWIO, conv_with_canonical_grads
+  x = jax.random.normal(jax.random.key(0), (2, 9, 7, 5))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 5, 6))
+
+  def loss(conv):
+    return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), (0, 1)))
+
+  got = loss(lambda x, k: conv_with_canonical_grads(x, k, padding))(x, kernel)
+  expected = loss(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), padding, dimension_numbers=NHWC_HWIO))(x, kernel)
+  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -80,9 +80,13 @@ def pointwise_matmul(x: Array, kernel: Array, precision: Any = None,
                              preferred_element_type=preferred_element_type)
 
 
-def _matmul_fwd(x, kernel, precision, preferred_element_type, x_is_strided):
-  y = pointwise_matmul(x, kernel, precision, preferred_element_type, x_is_strided)
-  return y, (x, kernel)
+def _forward_keeping_operands(primal: Callable[..., Array]) -> Callable[..., Any]:
+  """A custom VJP's forward pass: `primal`'s output, and its two array operands for later."""
+
+  def forward(x: Array, kernel: Array, *static: Any) -> tuple[Array, tuple[Array, Array]]:
+    return primal(x, kernel, *static), (x, kernel)
+
+  return forward
 
 
 def _matmul_bwd(precision, preferred_element_type, x_is_strided, residuals, dy):
@@ -97,7 +101,7 @@ def _matmul_bwd(precision, preferred_element_type, x_is_strided, residuals, dy):
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
-pointwise_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+pointwise_matmul.defvjp(_forward_keeping_operands(pointwise_matmul), _matmul_bwd)
 
 
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
@@ -131,11 +135,6 @@ def conv_with_canonical_grads(x: Array, kernel: Array, padding: tuple[tuple[int,
                                       preferred_element_type=preferred_element_type)
 
 
-def _conv_fwd(x, kernel, padding, precision, preferred_element_type):
-  y = conv_with_canonical_grads(x, kernel, padding, precision, preferred_element_type)
-  return y, (x, kernel)
-
-
 def _conv_bwd(padding, precision, preferred_element_type, residuals, dy):
   x, kernel = residuals
   dy = dy.astype(x.dtype)
@@ -151,7 +150,8 @@ def _conv_bwd(padding, precision, preferred_element_type, residuals, dy):
   return dx.astype(x.dtype), jnp.transpose(dkernel, (1, 2, 0, 3)).astype(kernel.dtype)
 
 
-conv_with_canonical_grads.defvjp(_conv_fwd, _conv_bwd)
+conv_with_canonical_grads.defvjp(_forward_keeping_operands(conv_with_canonical_grads),
+                                 _conv_bwd)
 
 
 def resolve_layer_impl(impl: str) -> str:
