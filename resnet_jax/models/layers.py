@@ -40,15 +40,17 @@ def is_pointwise(rhs_shape: tuple[int, ...], window_strides: Sequence[int], padd
   return tuple(rhs_shape[:2]) == (1, 1) and no_padding and dense and feature_group_count == 1
 
 
-def conv_1x1_as_dot(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
-                    lhs_dilation: Sequence[int] | None = None,
-                    rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
-                    feature_group_count: int = 1, precision: Any = None,
-                    preferred_element_type: Any = None) -> Array:
-  """`lax.conv_general_dilated` for NHWC × HWIO, with 1×1 convs as a matmul over channels.
+def tuned_conv(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
+               lhs_dilation: Sequence[int] | None = None,
+               rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
+               feature_group_count: int = 1, precision: Any = None,
+               preferred_element_type: Any = None) -> Array:
+  """`lax.conv_general_dilated` for NHWC × HWIO, in the forms XLA:CPU runs fastest.
 
-  XLA:CPU runs a 1×1 conv 2-2.5× slower than the same contraction as a dot (a 1×1
-  conv's "SAME" padding is zero, so a stride is just a slice). Other convs go to XLA.
+  1×1 convs: a matmul over channels (XLA:CPU runs a 1×1 conv 2-2.5× slower than the same
+  contraction as a dot; a 1×1 conv's "SAME" padding is zero, so a stride is just a slice).
+  Other stride-1 convs: XLA's, with their gradients written out (`conv_with_canonical_grads`).
+  The rest (strided, grouped, dilated) go to XLA as they are.
   """
   if not is_pointwise(rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
                       feature_group_count):
@@ -167,12 +169,12 @@ def make_conv(dtype: Dtype, param_dtype: Dtype, layer_impl: str = "plain"
               ) -> Callable[..., nn.Conv]:
   """A bias-free conv with torchvision's initialiser and the given dtypes.
 
-  `layer_impl="tuned"` computes 1×1 convs as matmuls; the parameters are the same.
+  `layer_impl="tuned"` computes them by `tuned_conv`; the parameters are the same.
   """
   tuned = resolve_layer_impl(layer_impl) == "tuned"
   return functools.partial(
       nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, param_dtype=param_dtype,
-      conv_general_dilated=conv_1x1_as_dot if tuned else None)
+      conv_general_dilated=tuned_conv if tuned else None)
 
 
 def make_norm(
