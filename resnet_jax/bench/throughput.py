@@ -11,8 +11,9 @@ FLOP/s of a large square matmul of the same dtype on the same devices, and their
 In the same run it times the plain path (`layer_impl="plain"`: XLA's own convolution
 and reduce-window) when ours differs from it, then one step of ours and one of plain in
 turn for `--steps` rounds (a ratio that holds where the machine's speed drifts), and with
-`--compare-torch` torchvision's model (NCHW and channels-last), and prints ours / theirs. Run as a program, it turns JAX's
-persistent compilation cache off, so that the first step includes a real compilation.
+`--compare-torch` torchvision's model (NCHW and channels-last), and prints ours / theirs.
+Run as a program, it turns JAX's persistent compilation cache off, so that the first step
+includes a real compilation.
 """
 
 from __future__ import annotations

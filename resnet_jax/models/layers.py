@@ -31,13 +31,18 @@ class NormFactory(Protocol):
 LAYER_IMPLS = ("auto", "tuned", "plain")
 
 
+def _is_dense(lhs_dilation: Sequence[int] | None, rhs_dilation: Sequence[int] | None) -> bool:
+  """Whether neither the input nor the kernel of a conv is dilated."""
+  return all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+
+
 def is_pointwise(rhs_shape: tuple[int, ...], window_strides: Sequence[int], padding: Any,
                  lhs_dilation: Sequence[int] | None, rhs_dilation: Sequence[int] | None,
                  feature_group_count: int) -> bool:
   """Whether a conv (HWIO kernel) is a 1×1 one that a strided slice and a matmul compute."""
   no_padding = padding in ("SAME", "VALID") or all(tuple(p) == (0, 0) for p in padding)
-  dense = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-  return tuple(rhs_shape[:2]) == (1, 1) and no_padding and dense and feature_group_count == 1
+  return (tuple(rhs_shape[:2]) == (1, 1) and no_padding and _is_dense(lhs_dilation, rhs_dilation)
+          and feature_group_count == 1)
 
 
 def tuned_conv(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
@@ -116,7 +121,7 @@ def has_canonical_grads(rhs_shape: tuple[int, ...], window_strides: Sequence[int
   explicit padding of at most kernel - 1 on each side."""
   if isinstance(padding, str) or feature_group_count != 1 or tuple(window_strides) != (1, 1):
     return False
-  if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+  if not _is_dense(lhs_dilation, rhs_dilation):
     return False
   return all(0 <= low <= k - 1 and 0 <= high <= k - 1
              for (low, high), k in zip(padding, rhs_shape[:2]))
@@ -217,10 +222,11 @@ def conv_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
 def max_pool_3x3_s2(x: Array, layer_impl: str = "plain") -> Array:
   """The ImageNet stem's max-pool (3×3, stride 2, padding 1).
 
-  "tuned": the maximum of the window's nine strided slices. Same output; its gradient is
-  elementwise selects, 5× faster on XLA:CPU than reduce-window's select-and-scatter. (The
-  two split a gradient differently only between equal maxima: after a ReLU, zeros, whose
-  gradient the ReLU drops anyway.)
+  "tuned": the maximum of three strided row slices, then of three strided column slices of
+  that. Same output; its gradient is elementwise selects, which XLA:CPU runs several times
+  faster than reduce-window's select-and-scatter (BENCHMARKS.md). (The two split a gradient
+  differently only between equal maxima: after a ReLU, zeros, whose gradient the ReLU drops
+  anyway.)
   """
   if resolve_layer_impl(layer_impl) == "plain":
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
