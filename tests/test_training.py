@@ -130,6 +130,21 @@ def test_checkpoint_from_8_device_pmap_restores_under_jit_and_resumes_on_one_dev
     assert os.path.exists(os.path.join(workdir, name)), name
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_all_finite_finds_one_bad_element_in_any_leaf_and_passes_huge_finite_ones(bad):
+  tree = {"a": jnp.full((3, 4), 3e38, jnp.float32), "b": [jnp.ones(5, jnp.bfloat16),
+                                                         -jnp.full((2,), 1e38)]}
+  check = jax.jit(steps.all_finite)
+  assert bool(check(tree))  # |x| near float32's max: a sum of squares would overflow
+  for path in (("a",), ("b", 0), ("b", 1)):
+    leaf = tree[path[0]] if len(path) == 1 else tree[path[0]][path[1]]
+    poisoned = leaf.ravel().at[-1].set(bad).reshape(leaf.shape)
+    bad_tree = ({**tree, "a": poisoned} if len(path) == 1 else
+                {**tree, "b": [poisoned if i == path[1] else x for i, x in enumerate(tree["b"])]})
+    assert not bool(check(bad_tree)), path
+  assert bool(check({}))
+
+
 def test_float16_loss_scaling_skips_a_step_with_non_finite_gradients():
   model = create_model("resnet20", dtype=jnp.float16, in_channels=1, width=4,
                        stage_sizes=(1, 1, 1))

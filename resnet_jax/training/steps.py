@@ -52,8 +52,20 @@ def grad_norms_by_stage(grads: Any) -> Metrics:
   return norms
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every element of every leaf of `tree` is finite, as one reduction.
+
+  x * 0 is 0 for finite x and NaN for ±inf and NaN, so one sum over all leaves, laid end
+  to end, is NaN exactly when some element is not finite (XLA keeps float x * 0: folding it
+  would change NaN semantics). A check per leaf (`isfinite` and an `all`) compiles to about
+  four XLA:CPU kernels per leaf, a quarter of the scanned ResNet-152 train step's compile
+  time and a sixth of the unrolled one's. The concatenation copies the tree once; in the
+  ResNet-50 CPU step that is within the step-to-step noise.
+  """
+  leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.ones((), bool)
+  return jnp.isfinite(jnp.sum(jnp.concatenate(leaves) * 0))
 
 
 def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
@@ -126,13 +138,13 @@ def train_step(
   skipped = jnp.zeros((), bool)
   if state.loss_scale is not None:
     # A step whose gradients overflowed changes nothing but the (halved) loss scale.
-    grads_finite = _all_finite(grads)
+    grads_finite = all_finite(grads)
     skipped = ~grads_finite
     new_state = new_state.replace(loss_scale=state.loss_scale.adjust(grads_finite))
     metrics["loss_scale"] = state.loss_scale.scale
     finite = jnp.isfinite(mean_loss)
   else:
-    finite = jnp.isfinite(mean_loss) & _all_finite(grads)
+    finite = jnp.isfinite(mean_loss) & all_finite(grads)
   if skip_non_finite:
     skipped = skipped | ~finite
   if state.loss_scale is not None or skip_non_finite:
