@@ -57,10 +57,12 @@ def all_finite(tree: Any) -> jax.Array:
 
   x * 0 is 0 for finite x and NaN for ±inf and NaN, so one sum over all leaves, laid end
   to end, is NaN exactly when some element is not finite (XLA keeps float x * 0: folding it
-  would change NaN semantics). A check per leaf (`isfinite` and an `all`) compiles to about
-  four XLA:CPU kernels per leaf, a quarter of the scanned ResNet-152 train step's compile
-  time and a sixth of the unrolled one's. The concatenation copies the tree once; in the
-  ResNet-50 CPU step that is within the step-to-step noise.
+  would change NaN semantics). A check per leaf (`isfinite` and an `all`) compiles to
+  three or four XLA:CPU kernels per leaf shape, which cost 16% of ResNet-152's train-step compile time, scanned or
+  not. The price is one float32 copy of the tree while it is summed: the same step time
+  (ResNet-50 on CPU, within the noise), more temporary memory where activations are small
+  (ResNet-152 at batch 8, 64²: 322 → 459 MiB). (`jnp.all` over the concatenated `isfinite`
+  does not help: XLA splits a reduction of a concatenation back into one per leaf.)
   """
   leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
   if not leaves:
