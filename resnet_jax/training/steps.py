@@ -56,13 +56,13 @@ def all_finite(tree: Any) -> jax.Array:
   """Whether every element of every leaf of `tree` is finite, as one reduction.
 
   x * 0 is 0 for finite x and NaN for ±inf and NaN, so one sum over all leaves, laid end
-  to end, is NaN exactly when some element is not finite (XLA keeps float x * 0: folding it
-  would change NaN semantics). A check per leaf (`isfinite` and an `all`) compiles to
-  three or four XLA:CPU kernels per leaf shape, which cost 16% of ResNet-152's train-step compile time, scanned or
-  not. The price is one float32 copy of the tree while it is summed: the same step time
-  (ResNet-50 on CPU, within the noise), more temporary memory where activations are small
-  (ResNet-152 at batch 8, 64²: 322 → 459 MiB). (`jnp.all` over the concatenated `isfinite`
-  does not help: XLA splits a reduction of a concatenation back into one per leaf.)
+  to end, is NaN exactly when some element is not finite (XLA keeps float x * 0: folding
+  it would change NaN semantics). A check per leaf (`isfinite` and an `all`) compiles to
+  three or four XLA:CPU kernels per leaf shape, 16% of ResNet-152's train-step compile
+  time, scanned or not. The price is one float32 copy of the tree while it is summed: the
+  same step time (ResNet-50 on CPU, within the noise), more temporary memory where
+  activations are small (ResNet-152 at batch 8, 64²: 322 → 459 MiB). `jnp.all` over the
+  concatenated `isfinite` does not help: XLA splits that reduction back into one per leaf.
   """
   leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
   if not leaves:
