@@ -85,7 +85,7 @@ def resnet20():
 
 @pytest.mark.parametrize("fields", [
     dict(scan_blocks=True),
-    dict(scan_blocks=True, remat=True, remat_policy="dots_saveable"),  # remats layer{i}_0 too
+    dict(scan_blocks=True, remat=True, remat_policy="conv_outputs_saveable"),  # layer{i}_0 too
     pytest.param(dict(remat=True), marks=pytest.mark.slow),
 ], ids=str)
 def test_scanned_and_rematted_resnet20_computes_what_the_unrolled_one_does(resnet20, fields):
@@ -201,8 +201,32 @@ def test_scanned_drop_path_trains_stochastically_and_evaluates_as_unrolled(resne
   assert not np.allclose(train_0, train_1)
 
 
+@pytest.mark.parametrize("layer_impl", ["tuned", "plain"])
+def test_conv_outputs_saveable_keeps_each_conv_output_and_nothing_saveable_none(layer_impl,
+                                                                               capsys):
+  # One basic block (two convs) rematerialised; the stem stays outside remat.
+  x = images(size=8)
+
+  def saved_conv_outputs(policy):
+    model = create_model("resnet20", width=4, stage_sizes=(1,), remat=True, remat_policy=policy,
+                         layer_impl=layer_impl)
+    variables = random_variables(model, x)
+
+    def loss(params):
+      logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"])
+      return jnp.sum(logits)
+
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(loss, variables["params"])
+    return capsys.readouterr().out.count("named 'conv_output'")
+
+  assert saved_conv_outputs("conv_outputs_saveable") == 2
+  assert saved_conv_outputs("nothing_saveable") == 0
+
+
 def test_an_unknown_remat_policy_is_named_with_the_choices():
-  with pytest.raises(ValueError, match="remat_policy='dots'.*nothing_saveable, dots_saveable"):
+  with pytest.raises(ValueError, match="remat_policy='dots'.*nothing_saveable, conv_outputs_saveable"):
     abstract_variables(create_model("resnet20", remat=True, remat_policy="dots"), images())
   config = benchmark_config("resnet20", batch_size=8, image_size=8, dtype="float32")
   config.remat_policy = "dots"

@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 Dtype = Any
@@ -29,6 +30,7 @@ class NormFactory(Protocol):
 
 
 LAYER_IMPLS = ("auto", "tuned", "plain")
+CONV_OUTPUT = "conv_output"  # every conv's result carries this checkpoint name (remat policies)
 
 
 def _is_dense(lhs_dilation: Sequence[int] | None, rhs_dilation: Sequence[int] | None) -> bool:
@@ -174,12 +176,21 @@ def make_conv(dtype: Dtype, param_dtype: Dtype, layer_impl: str = "plain"
               ) -> Callable[..., nn.Conv]:
   """A bias-free conv with torchvision's initialiser and the given dtypes.
 
-  `layer_impl="tuned"` computes them by `tuned_conv`; the parameters are the same.
+  `layer_impl="tuned"` computes them by `tuned_conv`; the parameters are the same. Either
+  way the result is named CONV_OUTPUT for remat's "conv_outputs_saveable" policy.
   """
-  tuned = resolve_layer_impl(layer_impl) == "tuned"
+  conv = tuned_conv if resolve_layer_impl(layer_impl) == "tuned" else jax.lax.conv_general_dilated
   return functools.partial(
       nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, param_dtype=param_dtype,
-      conv_general_dilated=tuned_conv if tuned else None)
+      conv_general_dilated=_named_output(conv))
+
+
+def _named_output(conv: Callable[..., Array]) -> Callable[..., Array]:
+  """`conv` with its result named CONV_OUTPUT, so a remat policy can keep it by name."""
+  @functools.wraps(conv)
+  def named(*args: Any, **kwargs: Any) -> Array:
+    return checkpoint_name(conv(*args, **kwargs), CONV_OUTPUT)
+  return named
 
 
 def make_norm(

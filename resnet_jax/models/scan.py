@@ -21,16 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.models.blocks import ResidualBlock
+from resnet_jax.models.layers import CONV_OUTPUT
 
 Array = jax.Array
 PyTree = Any
 
-# Names of jax.checkpoint_policies: what a rematerialised block keeps for the backward pass.
-# "dots_saveable" keeps conv outputs (recomputing only norms and ReLUs); convs are not
-# dots without batch dimensions, so for ResNet blocks that policy saves as little as
-# "nothing_saveable"; "everything_saveable" saves all, as without remat.
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "everything_saveable")
+# What a rematerialised block keeps for the backward pass. "conv_outputs_saveable" keeps
+# every conv's result (named layers.CONV_OUTPUT) and recomputes only norms and ReLUs; the
+# rest are jax.checkpoint_policies. "dots_saveable" keeps XLA's convolutions too, but not
+# the tuned layers' (custom-VJP functions, not conv primitives), and convs are not dots
+# without batch dimensions; "everything_saveable" saves all, as without remat.
+REMAT_POLICIES = ("nothing_saveable", "conv_outputs_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable", "everything_saveable")
 UNROLLED_BLOCK = re.compile(r"^layer(\d+)_(\d+)$")
 SCANNED_BLOCKS = re.compile(r"^layer(\d+)_scan$")
 
@@ -44,6 +46,8 @@ def checkpoint_policy(name: str) -> Callable[..., bool]:
   """The jax.checkpoint policy named `name` (one of REMAT_POLICIES)."""
   if name not in REMAT_POLICIES:
     raise ValueError(f"remat_policy={name!r}: must be one of {', '.join(REMAT_POLICIES)}")
+  if name == "conv_outputs_saveable":
+    return jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
   return getattr(jax.checkpoint_policies, name)
 
 

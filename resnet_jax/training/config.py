@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.layer_impl = "auto"  # "tuned" (faster on CPU: 1×1 convs as matmuls), "plain", "auto".
   c.scan_blocks = False  # each stage's repeated blocks as one nn.scan: compiles faster.
   c.remat = False  # recompute each block's activations in the backward pass: less memory.
-  c.remat_policy = "nothing_saveable"  # what remat keeps (a jax.checkpoint_policies name).
+  c.remat_policy = "nothing_saveable"  # what remat keeps: one of models.scan.REMAT_POLICIES.
 
   # Fine-tuning (from a workdir, a checkpoint, or the output of resnet_jax.convert).
   c.init_from = ""  # start from these weights (a checkpoint in the workdir still wins).
