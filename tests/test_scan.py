@@ -225,6 +225,28 @@ def test_conv_outputs_saveable_keeps_each_conv_output_and_nothing_saveable_none(
   assert saved_conv_outputs("nothing_saveable") == 0
 
 
+def test_a_scanned_stage_reads_its_kernels_from_the_stacked_params_not_a_stacked_copy(capsys):
+  # Every conv of the looped bottleneck blocks (1×1 ones included) keeps its kernel for the
+  # backward pass as the parameter itself, so no kernel is stacked a second time per block.
+  x = images(size=8)
+  model = create_model("resnet50", width=4, stage_sizes=(3,), num_classes=3, scan_blocks=True,
+                       layer_impl="tuned")
+  variables = random_variables(model, x)
+
+  def loss(params):
+    logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"])
+    return jnp.sum(logits)
+
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(loss, variables["params"])
+  saved = capsys.readouterr().out
+  for conv in ("conv1", "conv2", "conv3"):
+    assert f"from the argument params['layer1_scan']['{conv}']['kernel']" in saved
+  squeezed_1x1_kernels = re.findall(r"f32\[2,(?:16,4|4,16)\] output of scan", saved)
+  assert not squeezed_1x1_kernels, saved
+
+
 def test_an_unknown_remat_policy_is_named_with_the_choices():
   with pytest.raises(ValueError, match="remat_policy='dots'.*nothing_saveable, conv_outputs_saveable"):
     abstract_variables(create_model("resnet20", remat=True, remat_policy="dots"), images())
