@@ -201,6 +201,20 @@ def test_scanned_drop_path_trains_stochastically_and_evaluates_as_unrolled(resne
   assert not np.allclose(train_0, train_1)
 
 
+def saved_residuals(model, x, capsys) -> str:
+  """What the train-mode gradient of `model` on `x` keeps for its backward pass, as JAX lists it."""
+  variables = random_variables(model, x)
+
+  def loss(params):
+    logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"])
+    return jnp.sum(logits)
+
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(loss, variables["params"])
+  return capsys.readouterr().out
+
+
 @pytest.mark.parametrize("layer_impl", ["tuned", "plain"])
 def test_conv_outputs_saveable_keeps_each_conv_output_and_nothing_saveable_none(layer_impl,
                                                                                capsys):
@@ -210,16 +224,7 @@ def test_conv_outputs_saveable_keeps_each_conv_output_and_nothing_saveable_none(
   def saved_conv_outputs(policy):
     model = create_model("resnet20", width=4, stage_sizes=(1,), remat=True, remat_policy=policy,
                          layer_impl=layer_impl)
-    variables = random_variables(model, x)
-
-    def loss(params):
-      logits, _ = model.apply({**variables, "params": params}, x, train=True,
-                              mutable=["batch_stats"])
-      return jnp.sum(logits)
-
-    capsys.readouterr()
-    jax.ad_checkpoint.print_saved_residuals(loss, variables["params"])
-    return capsys.readouterr().out.count("named 'conv_output'")
+    return saved_residuals(model, x, capsys).count("named 'conv_output'")
 
   assert saved_conv_outputs("conv_outputs_saveable") == 2
   assert saved_conv_outputs("nothing_saveable") == 0
@@ -231,16 +236,7 @@ def test_a_scanned_stage_reads_its_kernels_from_the_stacked_params_not_a_stacked
   x = images(size=8)
   model = create_model("resnet50", width=4, stage_sizes=(3,), num_classes=3, scan_blocks=True,
                        layer_impl="tuned")
-  variables = random_variables(model, x)
-
-  def loss(params):
-    logits, _ = model.apply({**variables, "params": params}, x, train=True,
-                            mutable=["batch_stats"])
-    return jnp.sum(logits)
-
-  capsys.readouterr()
-  jax.ad_checkpoint.print_saved_residuals(loss, variables["params"])
-  saved = capsys.readouterr().out
+  saved = saved_residuals(model, x, capsys)
   for conv in ("conv1", "conv2", "conv3"):
     assert f"from the argument params['layer1_scan']['{conv}']['kernel']" in saved
   squeezed_1x1_kernels = re.findall(r"f32\[2,(?:16,4|4,16)\] output of scan", saved)
@@ -248,7 +244,8 @@ def test_a_scanned_stage_reads_its_kernels_from_the_stacked_params_not_a_stacked
 
 
 def test_an_unknown_remat_policy_is_named_with_the_choices():
-  with pytest.raises(ValueError, match="remat_policy='dots'.*nothing_saveable, conv_outputs_saveable"):
+  with pytest.raises(ValueError,
+                     match="remat_policy='dots'.*nothing_saveable, conv_outputs_saveable"):
     abstract_variables(create_model("resnet20", remat=True, remat_policy="dots"), images())
   config = benchmark_config("resnet20", batch_size=8, image_size=8, dtype="float32")
   config.remat_policy = "dots"
