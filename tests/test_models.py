@@ -276,8 +276,8 @@ def test_summary_rows_add_up_to_total_parameters():
   assert "resnet18" in format_summary("resnet18", summary)
 
 
-@pytest.mark.parametrize("stride_in_1x1", [False, True])
-def test_tuned_layers_equal_plain_xla_layers_in_outputs_and_gradients(stride_in_1x1):
+@pytest.mark.parametrize("stride_in_1x1,train", [(False, False), (True, False), (False, True)])
+def test_tuned_layers_equal_plain_xla_layers_in_outputs_and_gradients(stride_in_1x1, train):
   # Two narrow bottleneck stages: strided and unstrided 1×1 convs, a strided projection and
   # the stem's max-pool, on an even side (10) here.
   tuned, plain = (resnet_jax.ResNet(stage_sizes=(1, 2), block_cls=BottleneckBlock, width=8,
@@ -290,15 +290,44 @@ def test_tuned_layers_equal_plain_xla_layers_in_outputs_and_gradients(stride_in_
 
   def logits_and_grads(model):
     def loss(params):
-      logits = model.apply({**variables, "params": params}, x)
-      return jnp.sum(logits**2), logits
-    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-    return logits, grads
+      logits, updates = model.apply({**variables, "params": params}, x, train=train,
+                                    mutable=["batch_stats"])
+      return jnp.sum(logits**2), (logits, updates)
+    (_, outputs), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    return outputs, grads
 
-  tuned_logits, tuned_grads = logits_and_grads(tuned)
-  plain_logits, plain_grads = logits_and_grads(plain)
-  chex.assert_trees_all_close(tuned_logits, plain_logits, rtol=1e-5, atol=1e-5)
+  tuned_outputs, tuned_grads = logits_and_grads(tuned)
+  plain_outputs, plain_grads = logits_and_grads(plain)
+  chex.assert_trees_all_close(tuned_outputs, plain_outputs, rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(tuned_grads, plain_grads, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_train_batch_norm_equals_flax_batch_norm_in_outputs_statistics_and_gradients(dtype):
+  from resnet_jax.models.layers import TrainBatchNorm
+  x = (jax.random.normal(jax.random.key(0), (4, 5, 5, 8)) * 3 + 1).astype(dtype)
+  weights = jax.random.normal(jax.random.key(1), x.shape)
+  ours = TrainBatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32)
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype)
+  variables = flax_bn.init(jax.random.key(2), x)
+  chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(ours.init, jax.random.key(2), x),
+                                                variables)
+  params = jax.tree.map(lambda p: p + jax.random.uniform(jax.random.key(3), p.shape),
+                        variables["params"])
+
+  def run(module):
+    def loss(params, x):
+      y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+      return jnp.sum(y.astype(jnp.float32) * weights), (y, updates)
+    (_, outputs), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+    return outputs, grads
+
+  (y, statistics), grads = run(ours)
+  (flax_y, flax_statistics), flax_grads = run(flax_bn)
+  assert y.dtype == dtype and grads[1].dtype == dtype
+  chex.assert_trees_all_close((y, statistics), (flax_y, flax_statistics), rtol=1e-6, atol=1e-6)
+  tolerance = 1e-5 if dtype == jnp.float32 else 1e-2  # bfloat16 dx: within one rounding
+  chex.assert_trees_all_close(grads, flax_grads, rtol=tolerance, atol=tolerance)
 
 
 def test_an_unknown_layer_impl_names_the_choices():

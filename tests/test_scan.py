@@ -226,8 +226,10 @@ def test_conv_outputs_saveable_keeps_each_conv_output_and_nothing_saveable_none(
                          layer_impl=layer_impl)
     return saved_residuals(model, x, capsys).count("named 'conv_output'")
 
-  assert saved_conv_outputs("conv_outputs_saveable") == 2
-  assert saved_conv_outputs("nothing_saveable") == 0
+  # Outside remat the stem's conv output may be kept too (the tuned BatchNorm keeps its input).
+  outside_remat = saved_conv_outputs("nothing_saveable")
+  assert outside_remat <= 1
+  assert saved_conv_outputs("conv_outputs_saveable") == outside_remat + 2
 
 
 def test_a_scanned_stage_reads_its_kernels_from_the_stacked_params_not_a_stacked_copy(capsys):

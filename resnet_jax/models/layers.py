@@ -198,6 +198,72 @@ def _named_output(conv: Callable[..., Array]) -> Callable[..., Array]:
   return named
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float, dtype: Any
+                     ) -> tuple[Array, Array, Array]:
+  """Train-mode BatchNorm over all axes but the last: (output in `dtype`, mean, variance).
+
+  Computes what Flax's BatchNorm does (float32 statistics, variance as E[x²] - E[x]²
+  clipped at zero), but its backward pass keeps only x, the mean and 1/√(var + ε), where
+  autodiff of Flax's keeps eight values per norm: under `scan_blocks` each is one more
+  buffer stacked per block (ResNet-152's scanned step: 123 → 63 of them). The mean and
+  variance are for the running averages only: their own gradients are taken as zero.
+  """
+  return _batch_norm_forward(x, scale, bias, epsilon, dtype)[0]
+
+
+def _batch_norm_forward(x, scale, bias, epsilon, dtype):
+  axes = tuple(range(x.ndim - 1))
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(x32, axes)
+  var = jnp.maximum(0.0, jnp.mean(x32 * x32, axes) - mean * mean)
+  inv = jax.lax.rsqrt(var + epsilon)
+  y = ((x32 - mean) * (inv * scale) + bias).astype(dtype)
+  return (y, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_bwd(epsilon, dtype, residuals, cotangents):
+  x, mean, inv, scale = residuals
+  dy = cotangents[0].astype(mean.dtype)
+  axes = tuple(range(x.ndim - 1))
+  count = x.size // x.shape[-1]
+  x_hat = (x.astype(mean.dtype) - mean) * inv
+  dbias = jnp.sum(dy, axes)
+  dscale = jnp.sum(dy * x_hat, axes)
+  dx = (scale * inv / count) * (count * dy - dbias - x_hat * dscale)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_bwd)
+
+
+class TrainBatchNorm(nn.Module):
+  """Train-mode nn.BatchNorm (same variables, same outputs) computed by `batch_norm_train`."""
+
+  momentum: float
+  epsilon: float
+  dtype: Dtype
+  param_dtype: Dtype
+  scale_init: Callable[..., Array] = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
+                            (features,))
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
+                           (features,))
+    scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, scale, bias)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, dtype)
+    if not self.is_initializing():
+      momentum = self.momentum
+      ra_mean.value = momentum * ra_mean.value + (1 - momentum) * jax.lax.stop_gradient(mean)
+      ra_var.value = momentum * ra_var.value + (1 - momentum) * jax.lax.stop_gradient(var)
+    return y
+
+
 def make_norm(
     kind: str,
     *,
@@ -207,16 +273,23 @@ def make_norm(
     axis_name: str | None,
     dtype: Dtype,
     param_dtype: Dtype,
+    layer_impl: str = "plain",
 ) -> NormFactory:
   """BatchNorm (statistics in `batch_stats`, synced over `axis_name`) or GroupNorm.
 
   `zero_init=True` starts the scale at zero: used for the last norm of a residual branch.
+  `layer_impl="tuned"` trains BatchNorm (without `axis_name`) by `TrainBatchNorm`: the
+  same variables; evaluation is Flax's either way.
   """
   if kind not in ("batch", "group"):
     raise ValueError(f"norm={kind!r}: must be 'batch' or 'group'")
+  own_backward = train and axis_name is None and resolve_layer_impl(layer_impl) == "tuned"
 
   def norm(features: int, name: str, zero_init: bool = False) -> nn.Module:
     scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
+    if kind == "batch" and own_backward:
+      return TrainBatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype,
+                            param_dtype=param_dtype, scale_init=scale_init, name=name)
     if kind == "batch":
       return nn.BatchNorm(
           use_running_average=not train, momentum=momentum, epsilon=epsilon,

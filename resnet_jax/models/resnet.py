@@ -89,7 +89,8 @@ class ResNet(nn.Module):
       raise ValueError(f"stem={self.stem!r}: must be one of {STEMS}")
     conv = make_conv(self.dtype, self.param_dtype, self.layer_impl)
     norm = make_norm(self.norm, train=train and not self.freeze_batch_stats, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                     axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+                     axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype,
+                     layer_impl=self.layer_impl)
     preactivation = self.block_cls.preactivation
 
     x = jnp.asarray(x, self.dtype)
