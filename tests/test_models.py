@@ -1,6 +1,7 @@
 """Specification of the model zoo: sizes, shapes, dtypes, variants and error messages."""
 
 import functools
+import re
 
 import chex
 import flax.linen as nn
@@ -300,6 +301,38 @@ def test_tuned_layers_equal_plain_xla_layers_in_outputs_and_gradients(stride_in_
   plain_outputs, plain_grads = logits_and_grads(plain)
   chex.assert_trees_all_close(tuned_outputs, plain_outputs, rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(tuned_grads, plain_grads, rtol=1e-4, atol=1e-4)
+
+
+def test_select_relu_equals_jax_relu_in_values_and_gradients():
+  from resnet_jax.models.layers import select_relu
+  x = jnp.array([-jnp.inf, -2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0, jnp.inf, jnp.nan])
+  np.testing.assert_array_equal(select_relu(x), jax.nn.relu(x))
+  for f in (select_relu, jax.nn.relu):  # both: gradient 0 at 0, NaN where x is NaN
+    assert jax.grad(f)(0.0) == 0.0 and jax.grad(f)(2.0) == 1.0 and jax.grad(f)(-2.0) == 0.0
+  np.testing.assert_array_equal(jax.vmap(jax.grad(select_relu))(x),
+                                jax.vmap(jax.grad(jax.nn.relu))(x))
+
+
+def test_tuned_train_step_fusions_do_not_grow_with_the_number_of_blocks():
+  # XLA:CPU duplicated max(x, 0) at each block's output into the next block's fusion, so
+  # the last block's fusion grew with the stage's depth; the select form stops that.
+  x = jnp.ones((2, 8, 8, 3))
+
+  def largest_fusion(blocks):
+    model = resnet_jax.create_model("resnet20", width=4, stage_sizes=(blocks,), num_classes=3,
+                                    layer_impl="tuned")
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+      logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"])
+      return jnp.sum(logits)
+
+    hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+    return max(len(operands.split(","))
+               for operands in re.findall(r"= \S+ fusion\(([^)]*)\), kind=kLoop", hlo))
+
+  assert largest_fusion(8) == largest_fusion(3)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

