@@ -309,10 +309,10 @@ def make_norm(
 
   def norm(features: int, name: str, zero_init: bool = False) -> nn.Module:
     scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
-    if kind == "batch" and own_backward:
-      return TrainBatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype,
-                            param_dtype=param_dtype, scale_init=scale_init, name=name)
     if kind == "batch":
+      if own_backward:
+        return TrainBatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype,
+                              param_dtype=param_dtype, scale_init=scale_init, name=name)
       return nn.BatchNorm(
           use_running_average=not train, momentum=momentum, epsilon=epsilon,
           axis_name=axis_name, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init,
