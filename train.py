@@ -13,6 +13,10 @@ FLOPs, collectives and an estimated step time (resnet_jax/bench/dry_run.py).
 import dataclasses
 import os
 
+if __name__ == "__main__":  # first, before JAX: this may start the program again
+  from resnet_jax.huge_pages import reexec_with_huge_pages
+  reexec_with_huge_pages()
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data is only the input pipeline here.
 # tf.data needs no Keras, yet `import tensorflow` imports Keras 3 (and scikit-learn through
 # it), ~1.5 s of every start. With this set TensorFlow looks for the legacy tf_keras package

@@ -1,5 +1,14 @@
-"""resnet_jax: the ResNet family in Flax linen, with a pure-functional JAX training program."""
+"""resnet_jax: the ResNet family in Flax linen, with a pure-functional JAX training program.
 
-from resnet_jax.models import ResNet, create_model, list_models
+`ResNet`, `create_model` and `list_models` load on first use, so that importing a light
+module such as `resnet_jax.huge_pages` does not import JAX and Flax.
+"""
 
 __all__ = ["ResNet", "create_model", "list_models"]
+
+
+def __getattr__(name: str):
+  if name in __all__:
+    from resnet_jax import models
+    return getattr(models, name)
+  raise AttributeError(f"module 'resnet_jax' has no attribute {name!r}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import statistics
 import time
 from typing import Callable, Sequence
@@ -30,6 +31,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from resnet_jax import huge_pages
 from resnet_jax.bench import benchmark_config, torch_reference, write_json
 from resnet_jax.models.layers import LAYER_IMPLS, resolve_layer_impl
 from resnet_jax.training.config import DTYPES, PARALLELISM_MODES
@@ -46,6 +48,8 @@ class StepTimes:
   first_step_s: float  # compile and run the first step
   step_s: float  # mean over the timed steps
   host_input_s: float  # per timed step: host time to produce and put the batch
+  page_faults: float  # per timed step: this process's minor page faults (new memory touched)
+  kernel_s: float  # per timed step: this process's CPU time in the kernel, all threads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,8 @@ class ThroughputResult:
   first_step_s: float
   step_time_ms: float
   host_input_ms: float
+  page_faults_per_step: float  # minor faults: XLA:CPU's per-step buffers touched anew
+  kernel_ms_per_step: float  # CPU time in the kernel (page faults), summed over threads
   images_per_sec: float
   train_step_gflop: float  # per step, for the global batch
   flops_source: str
@@ -89,6 +95,7 @@ def time_train_steps(exp: Experiment, steps: int, warmup_steps: int) -> StepTime
   jax.block_until_ready(state)
 
   host_input_s = 0.0
+  usage_before = resource.getrusage(resource.RUSAGE_SELF)
   start = time.perf_counter()
   for _ in range(steps):
     input_start = time.perf_counter()
@@ -97,7 +104,10 @@ def time_train_steps(exp: Experiment, steps: int, warmup_steps: int) -> StepTime
     state, _ = dp.train_step(state, batch)
   jax.block_until_ready(state)
   step_s = (time.perf_counter() - start) / steps
-  return StepTimes(first_step_s, step_s, host_input_s / steps)
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return StepTimes(first_step_s, step_s, host_input_s / steps,
+                   page_faults=(usage.ru_minflt - usage_before.ru_minflt) / steps,
+                   kernel_s=(usage.ru_stime - usage_before.ru_stime) / steps)
 
 
 def step_timer(exp: Experiment) -> Callable[[], float]:
@@ -191,6 +201,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup_steps: in
       layer_impl=resolve_layer_impl(config.layer_impl), input_feed=INPUT_FEED, steps=steps,
       warmup_steps=warmup_steps, first_step_s=times.first_step_s,
       step_time_ms=times.step_s * 1e3, host_input_ms=times.host_input_s * 1e3,
+      page_faults_per_step=times.page_faults, kernel_ms_per_step=times.kernel_s * 1e3,
       images_per_sec=config.batch_size / times.step_s, train_step_gflop=flops / 1e9,
       flops_source=FLOPS_SOURCE, train_step_gflop_per_s=achieved / 1e9,
       matmul_size=matmul_size, matmul_gflop_per_s=ceiling / 1e9,
@@ -207,6 +218,9 @@ def format_result(r: ThroughputResult) -> str:
       ("compile + first step", f"{r.first_step_s:.2f} s"),
       ("step time", f"{r.step_time_ms:.2f} ms (mean of {r.steps} steps after "
                     f"{r.warmup_steps} warmup)"),
+      ("host memory", f"{r.page_faults_per_step:,.0f} page faults and "
+                      f"{r.kernel_ms_per_step:.0f} ms of kernel time per step "
+                      f"({huge_pages.describe()})"),
       ("images/sec", f"{r.images_per_sec:.1f}"),
       ("train step", f"{r.train_step_gflop:.2f} GFLOP ({r.flops_source})"),
       ("achieved", f"{r.train_step_gflop_per_s:.1f} GFLOP/s"),
@@ -327,5 +341,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+  huge_pages.reexec_with_huge_pages()  # as train.py does, so that steps are timed as it runs them
   jax.config.update("jax_enable_compilation_cache", False)  # real compiles, not cache reads
   main()

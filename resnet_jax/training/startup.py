@@ -21,6 +21,8 @@ import time
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from resnet_jax import huge_pages
+
 _IMPORTED_AT = time.time()
 
 # JAX's monitoring events (jax/_src/dispatch.py and compiler.py).
@@ -113,6 +115,8 @@ class StartupClock:
             "startup/compile_seconds": self.compile_seconds,
             "startup/trace_seconds": self.trace_seconds,
             "startup/cache_hits": float(self.cache_hits),
+            # 1 where malloc asks for huge pages (train.py restarts itself so; huge_pages.py)
+            "startup/malloc_huge_pages": float(huge_pages.requested_value() not in (None, "0")),
             "startup/cache_misses": float(self.cache_misses)}
 
 
