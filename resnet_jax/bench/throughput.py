@@ -7,7 +7,8 @@
 Runs the real train step (`setup(config)` and its `DataParallel`, as train.py does) on
 "fake" data fed by the real `train_batches` iterator and put on the devices every step.
 It reports images/sec, the step's achieved FLOP/s (FLOPs from XLA's cost analysis), the
-FLOP/s of a large square matmul of the same dtype on the same devices, and their ratio.
+FLOP/s of a large square matmul of the same dtype on the same devices, and their ratio,
+and the process's page faults and kernel time per step (see `resnet_jax/huge_pages.py`).
 In the same run it times the plain path (`layer_impl="plain"`: XLA's own convolution
 and reduce-window) when ours differs from it, then one step of ours and one of plain in
 turn for `--steps` rounds (a ratio that holds where the machine's speed drifts), and with

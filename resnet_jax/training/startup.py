@@ -115,9 +115,9 @@ class StartupClock:
             "startup/compile_seconds": self.compile_seconds,
             "startup/trace_seconds": self.trace_seconds,
             "startup/cache_hits": float(self.cache_hits),
+            "startup/cache_misses": float(self.cache_misses),
             # 1 where malloc asks for huge pages (train.py restarts itself so; huge_pages.py)
-            "startup/malloc_huge_pages": float(huge_pages.requested_value() not in (None, "0")),
-            "startup/cache_misses": float(self.cache_misses)}
+            "startup/malloc_huge_pages": float(huge_pages.requested_value() not in (None, "0"))}
 
 
 def describe(summary: dict[str, float]) -> str:
