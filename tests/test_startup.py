@@ -56,12 +56,35 @@ def test_the_startup_summary_names_the_time_to_the_first_step_and_the_compile_pa
 
 
 def test_the_startup_bench_table_compares_the_second_start_with_the_first():
-  from resnet_jax.bench.startup import KEYS, format_table
-  first = dict(zip(KEYS, (15.0, 6.0, 1.0, 0.0, 19.0)))
-  second = dict(zip(KEYS, (7.5, 0.6, 1.0, 19.0, 0.0)))
+  from resnet_jax.bench.startup import KEYS, PROGRAM_KEYS, format_table
+  first = dict(zip(KEYS + PROGRAM_KEYS, (15.0, 6.0, 1.0, 0.0, 19.0, 1.3, 2.0, 0.4, 2.3)))
+  second = dict(zip(KEYS + PROGRAM_KEYS, (7.5, 0.6, 1.0, 19.0, 0.0, 0.25, 0.16, 0.03, 0.16)))
   table = format_table([first, second])
   assert "19 of 19" in table and "0 of 19" in table
   assert "compiling 10.0%, to first step 50.0%" in table
+  by_program = table.splitlines()[table.splitlines().index("compiling by program (s):") + 1:]
+  assert by_program[0].split() == ["start", "init", "train_step", "eval_step", "other"]
+  assert by_program[2].split() == ["2", "0.250", "0.160", "0.030", "0.160"]
+
+
+def test_the_startup_clock_splits_compile_time_by_program():
+  with startup.StartupClock() as clock:
+    compile_fresh_copy()  # a lambda: "other"
+
+    def train_step(x):
+      return x * 2
+
+    jax.block_until_ready(jax.jit(train_step)(np.ones(3, np.float32)))
+  by_program = clock.compile_seconds_by_program
+  assert set(by_program) == {"init", "train_step", "eval_step", "other"}
+  assert by_program["train_step"] > 0 and by_program["other"] > 0
+  assert by_program["init"] == by_program["eval_step"] == 0
+  assert sum(by_program.values()) == pytest.approx(clock.compile_seconds)
+  summary = clock.summary_after(jnp.ones(3))
+  assert summary["startup/compile_seconds/train_step"] == by_program["train_step"]
+  assert startup.program_name("pmap(eval_step)") == "eval_step"
+  assert startup.program_name("jit(init)") == "init"
+  assert startup.program_name("jit(broadcast_in_dim)") == "other"
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ Starts `train.py` (the README's default run unless `--config` says otherwise) `-
 times, each in a new workdir but all with one new, empty compilation cache, and stops each
 after its first step. Each start records `startup/*` metrics: seconds from the process's
 start to the end of its first step, and the parts of it spent compiling (XLA, or reading
-the cache) and tracing. The first start compiles everything; later ones read the cache.
+the cache; also split by program: init, train step, eval step, the small rest) and
+tracing. The first start compiles everything; later ones read the cache.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import tempfile
 from typing import Sequence
 
 from resnet_jax.bench import write_json
-from resnet_jax.training import reporting
+from resnet_jax.training import reporting, startup
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEYS = ("startup/seconds_to_first_step", "startup/compile_seconds", "startup/trace_seconds",
         "startup/cache_hits", "startup/cache_misses")
+PROGRAM_NAMES = (*startup.PROGRAMS, "other")
+PROGRAM_KEYS = tuple(f"startup/compile_seconds/{name}" for name in PROGRAM_NAMES)
 
 
 def start_once(config: str, workdir: str, cache_dir: str, overrides: Sequence[str]
@@ -36,12 +39,13 @@ def start_once(config: str, workdir: str, cache_dir: str, overrides: Sequence[st
   if result.returncode != 0:
     raise RuntimeError(f"train.py failed:\n{result.stderr[-3000:]}")
   records = reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-  startup = next(r for r in records if KEYS[0] in r)
-  return {key: startup[key] for key in KEYS}
+  first_step = next(r for r in records if KEYS[0] in r)
+  return {key: first_step[key] for key in (*KEYS, *PROGRAM_KEYS)}
 
 
 def format_table(starts: Sequence[dict[str, float]]) -> str:
-  """One row per start, and the second start's compile time as a fraction of the first's."""
+  """One row per start, its compile time by program, and the second start's compile time
+  as a fraction of the first's."""
   lines = [f"{'start':>5} {'to first step (s)':>18} {'compiling (s)':>14} {'tracing (s)':>12} "
            f"{'programs cached':>16}"]
   for i, s in enumerate(starts, 1):
@@ -49,6 +53,10 @@ def format_table(starts: Sequence[dict[str, float]]) -> str:
     lines.append(f"{i:>5} {s['startup/seconds_to_first_step']:>18.2f} "
                  f"{s['startup/compile_seconds']:>14.2f} {s['startup/trace_seconds']:>12.2f} "
                  f"{int(s['startup/cache_hits']):>9} of {programs:<4}")
+  lines += ["compiling by program (s):",
+            f"{'start':>5} " + " ".join(f"{name:>10}" for name in PROGRAM_NAMES)]
+  for i, s in enumerate(starts, 1):
+    lines.append(f"{i:>5} " + " ".join(f"{s[key]:>10.3f}" for key in PROGRAM_KEYS))
   if len(starts) > 1:
     def second_over_first(key: str) -> float:
       return starts[1][key] / starts[0][key]

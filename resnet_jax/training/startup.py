@@ -33,6 +33,17 @@ _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"
 
 
+# The programs a run compiles before its first step, by their jitted functions' names
+# (`train_state.init_variables`, `steps.train_step`, `steps.eval_step`).
+PROGRAMS = ("init", "train_step", "eval_step")
+
+
+def program_name(fun_name: str) -> str:
+  """"jit(train_step)" → "train_step"; a name not in PROGRAMS → "other"."""
+  name = fun_name.removeprefix("jit(").removeprefix("pmap(").removesuffix(")")
+  return name if name in PROGRAMS else "other"
+
+
 def use_compilation_cache(directory: str) -> None:
   """Reads and writes compiled programs in `directory`; "" turns the cache off.
 
@@ -86,12 +97,16 @@ class StartupClock:
   compile_seconds: float = 0.0  # XLA compiling, or reading compiled programs from the cache
   cache_hits: int = 0
   cache_misses: int = 0
+  # compile_seconds split by program: PROGRAMS' names, and "other" (small eager programs)
+  compile_seconds_by_program: dict[str, float] = dataclasses.field(
+      default_factory=lambda: dict.fromkeys((*PROGRAMS, "other"), 0.0))
 
-  def _on_duration(self, event: str, duration: float, **_: object) -> None:
+  def _on_duration(self, event: str, duration: float, **kwargs: object) -> None:
     if event in _TRACE_EVENTS:
       self.trace_seconds += duration
     elif event == _COMPILE_EVENT:
       self.compile_seconds += duration
+      self.compile_seconds_by_program[program_name(str(kwargs.get("fun_name", "")))] += duration
 
   def _on_event(self, event: str, **_: object) -> None:
     if event == _CACHE_HIT_EVENT:
@@ -116,6 +131,8 @@ class StartupClock:
             "startup/trace_seconds": self.trace_seconds,
             "startup/cache_hits": float(self.cache_hits),
             "startup/cache_misses": float(self.cache_misses),
+            **{f"startup/compile_seconds/{name}": seconds
+               for name, seconds in self.compile_seconds_by_program.items()},
             # 1 where malloc asks for huge pages (train.py restarts itself so; huge_pages.py)
             "startup/malloc_huge_pages": float(huge_pages.requested_value() not in (None, "0"))}
 

@@ -80,10 +80,13 @@ def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int
                    ) -> dict[str, PyTree]:
   """`model.init` on one zero image of `image_shape` (H, W, C), jitted (eval-mode shapes)."""
   traced = isinstance(rng, jax.core.Tracer)  # inside eval_shape or jit: no options of its own
-  init = jax.jit(
-      lambda key: model.init(key, jnp.zeros((1, *image_shape), model.dtype), train=False),
-      compiler_options=None if traced else _INIT_COMPILER_OPTIONS.get(jax.default_backend()))
-  return init(rng)
+
+  def init(key: jax.Array) -> dict[str, PyTree]:  # "jit(init)" in compile logs and timings
+    return model.init(key, jnp.zeros((1, *image_shape), model.dtype), train=False)
+
+  jitted = jax.jit(init, compiler_options=None if traced
+                   else _INIT_COMPILER_OPTIONS.get(jax.default_backend()))
+  return jitted(rng)
 
 
 def create_train_state(
@@ -106,7 +109,7 @@ def create_train_state(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=variables.get("batch_stats", {}),
-      opt_state=tx.init(params),
+      opt_state=jax.jit(tx.init)(params),  # one program, not one per parameter shape
       rng=step_rng,
       ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
       loss_scale=None if loss_scale is None else DynamicLossScale.create(loss_scale),
