@@ -5,7 +5,7 @@ ResNet-50's train step at 224², batch 8, that is one 1,065 MiB buffer. glibc se
 allocation that large with a fresh mmap and frees it with munmap, so every step touches a
 gigabyte of new 4 KiB pages: ~288,000 page faults and 0.5-0.65 s of kernel time per step
 on 2 cores. Where the kernel gives huge pages only to memory that asks for them
-(`/sys/kernel/mm/transparent_hugepage/enabled` set to `madvise`, as on the VMs measured
+(`/sys/kernel/mm/transparent_hugepage/enabled` set to `madvise`, as on the VM measured
 here), glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) makes malloc ask for
 them: ~1,000 faults per step, and the step 17-27% faster (BENCHMARKS.md). glibc reads its
 tunables only when a program starts, so `reexec_with_huge_pages` starts the program again
