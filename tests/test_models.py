@@ -363,6 +363,19 @@ def test_train_batch_norm_equals_flax_batch_norm_in_outputs_statistics_and_gradi
   chex.assert_trees_all_close(grads, flax_grads, rtol=tolerance, atol=tolerance)
 
 
+def test_train_batch_norm_backward_keeps_no_full_size_temporary():
+  # The normalised input is never an array of its own: XLA:CPU would write and read it back
+  # in full for every norm (ResNet-50's train step: 1,065 → 726 MiB of temp memory).
+  from resnet_jax.models.layers import batch_norm_train, select_relu
+  x, weights = jnp.ones((8, 28, 28, 64)), jnp.ones((8, 28, 28, 64))
+
+  def loss(x, scale, bias):
+    return jnp.sum(select_relu(batch_norm_train(x, scale, bias, 1e-5, x.dtype)[0]) * weights)
+
+  grads = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, jnp.ones(64), jnp.zeros(64)).compile()
+  assert grads.memory_analysis().temp_size_in_bytes < 0.1 * x.nbytes
+
+
 def test_an_unknown_layer_impl_names_the_choices():
   with pytest.raises(ValueError, match="layer_impl='fast': must be one of auto, tuned, plain"):
     resnet_jax.create_model("resnet18", layer_impl="fast").init(jax.random.key(0),

