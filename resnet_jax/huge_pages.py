@@ -1,15 +1,15 @@
 """Transparent huge pages for the large host buffers that XLA:CPU allocates on every step.
 
-XLA:CPU allocates a program's temporary buffer with malloc each time the program runs; for
-ResNet-50's train step at 224², batch 8, that is one 1,065 MiB buffer. glibc serves an
-allocation that large with a fresh mmap and frees it with munmap, so every step touches a
-gigabyte of new 4 KiB pages: ~288,000 page faults and 0.5-0.65 s of kernel time per step
-on 2 cores. Where the kernel gives huge pages only to memory that asks for them
-(`/sys/kernel/mm/transparent_hugepage/enabled` set to `madvise`, as on the VM measured
-here), glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) makes malloc ask for
-them: ~1,000 faults per step, and the step 17-27% faster (BENCHMARKS.md). glibc reads its
-tunables only when a program starts, so `reexec_with_huge_pages` starts the program again
-with it.
+XLA:CPU allocates a program's temporary buffer with malloc each time the program runs: for
+ResNet-50's train step at 224², batch 8, one buffer of 726 MiB (1,065 MiB when the figures
+below were measured). glibc serves an allocation that large with a fresh mmap and frees it
+with munmap, so every step touches that much new memory in 4 KiB pages: ~288,000 page
+faults and 0.5-0.65 s of kernel time per step on 2 cores. Where the kernel gives huge
+pages only to memory that asks for them (`/sys/kernel/mm/transparent_hugepage/enabled`
+set to `madvise`, as on the VM measured here), glibc's tunable `glibc.malloc.hugetlb=1`
+(glibc 2.35 and later) makes malloc ask for them: ~1,000 faults per step, and the step
+17-27% faster (BENCHMARKS.md). glibc reads its tunables only when a program starts, so
+`reexec_with_huge_pages` starts the program again with it.
 
 Opt out by setting the tunable yourself: `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`.
 """
