@@ -33,8 +33,9 @@ _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"
 
 
-# The programs a run compiles before its first step, by their jitted functions' names
-# (`train_state.init_variables`, `steps.train_step`, `steps.eval_step`).
+# A run's own programs, by their jitted functions' names (`train_state.init_variables`,
+# `steps.train_step`, `steps.eval_step`; the eval step compiles at the first evaluation,
+# after the first step, so its share of startup is 0 unless a run evaluates first).
 PROGRAMS = ("init", "train_step", "eval_step")
 
 
