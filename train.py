@@ -14,8 +14,8 @@ import dataclasses
 import os
 
 if __name__ == "__main__":  # first, before JAX: this may start the program again
-  from resnet_jax.huge_pages import reexec_with_huge_pages
-  reexec_with_huge_pages()
+  from resnet_jax.malloc_tuning import reexec_with_malloc_tuning
+  reexec_with_malloc_tuning()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data is only the input pipeline here.
 # tf.data needs no Keras, yet `import tensorflow` imports Keras 3 (and scikit-learn through

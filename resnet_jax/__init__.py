@@ -1,7 +1,7 @@
 """resnet_jax: the ResNet family in Flax linen, with a pure-functional JAX training program.
 
 `ResNet`, `create_model` and `list_models` load on first use, so that importing a light
-module such as `resnet_jax.huge_pages` does not import JAX and Flax.
+module such as `resnet_jax.malloc_tuning` does not import JAX and Flax.
 """
 
 __all__ = ["ResNet", "create_model", "list_models"]

@@ -13,7 +13,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from resnet_jax import create_model, data, huge_pages
+from resnet_jax import create_model, data, malloc_tuning
 from resnet_jax.data import device_ops
 from resnet_jax.training import checkpointing, loop, parallel, steps
 from resnet_jax.training.config import base_config, validate_config
@@ -127,11 +127,15 @@ def test_checkpoint_from_8_device_pmap_restores_under_jit_and_resumes_on_one_dev
   assert "Resuming from the checkpoint at step 2" in result.stdout
   assert "Final eval" in result.stdout
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    startup_record = [r for r in map(json.loads, f) if "startup/malloc_huge_pages" in r][-1]
-  # train.py restarted itself with malloc asking for huge pages wherever that helps.
-  helps = huge_pages.on_glibc_linux() and huge_pages.tunables_with_huge_pages(
-      env.get("GLIBC_TUNABLES"), huge_pages.thp_mode()) is not None
-  assert startup_record["startup/malloc_huge_pages"] == float(helps)
+    startup_record = [r for r in map(json.loads, f) if "startup/malloc_top_pad_mib" in r][-1]
+  # train.py restarted itself with glibc malloc's tunables (huge pages where they help).
+  tunables = (malloc_tuning.tunables_to_request(env.get("GLIBC_TUNABLES"),
+                                                malloc_tuning.thp_mode())
+              if malloc_tuning.on_glibc_linux() else None)
+  restarted = tunables is not None
+  assert startup_record["startup/malloc_top_pad_mib"] == (64.0 if restarted else 0.0)
+  assert startup_record["startup/malloc_huge_pages"] == float(
+      restarted and "glibc.malloc.hugetlb=1" in tunables)
   for name in ("metrics.jsonl", "curves.png", "tensorboard", "checkpoints/4"):
     assert os.path.exists(os.path.join(workdir, name)), name
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from configs import cifar10_folder
-from resnet_jax import huge_pages
+from resnet_jax import malloc_tuning
 from resnet_jax.bench import write_json
 from resnet_jax.training import loop, reporting
 
@@ -137,5 +137,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  huge_pages.reexec_with_huge_pages()  # faster CPU steps, as in train.py
+  malloc_tuning.reexec_with_malloc_tuning()  # faster CPU steps, as in train.py
   main()

@@ -8,7 +8,7 @@ Runs the real train step (`setup(config)` and its `DataParallel`, as train.py do
 "fake" data fed by the real `train_batches` iterator and put on the devices every step.
 It reports images/sec, the step's achieved FLOP/s (FLOPs from XLA's cost analysis), the
 FLOP/s of a large square matmul of the same dtype on the same devices, and their ratio,
-and the process's page faults and kernel time per step (see `resnet_jax/huge_pages.py`).
+and the process's page faults and kernel time per step (see `resnet_jax/malloc_tuning.py`).
 In the same run it times the plain path (`layer_impl="plain"`: XLA's own convolution
 and reduce-window) when ours differs from it, then one step of ours and one of plain in
 turn for `--steps` rounds (a ratio that holds where the machine's speed drifts), and with
@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import huge_pages
+from resnet_jax import malloc_tuning
 from resnet_jax.bench import benchmark_config, torch_reference, write_json
 from resnet_jax.models.layers import LAYER_IMPLS, resolve_layer_impl
 from resnet_jax.training.config import DTYPES, PARALLELISM_MODES
@@ -221,7 +221,7 @@ def format_result(r: ThroughputResult) -> str:
                     f"{r.warmup_steps} warmup)"),
       ("host memory", f"{r.page_faults_per_step:,.0f} page faults and "
                       f"{r.kernel_ms_per_step:.0f} ms of kernel time per step "
-                      f"({huge_pages.describe()})"),
+                      f"({malloc_tuning.describe()})"),
       ("images/sec", f"{r.images_per_sec:.1f}"),
       ("train step", f"{r.train_step_gflop:.2f} GFLOP ({r.flops_source})"),
       ("achieved", f"{r.train_step_gflop_per_s:.1f} GFLOP/s"),
@@ -342,6 +342,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  huge_pages.reexec_with_huge_pages()  # as train.py does, so that steps are timed as it runs them
+  malloc_tuning.reexec_with_malloc_tuning()  # steps timed as train.py runs them
   jax.config.update("jax_enable_compilation_cache", False)  # real compiles, not cache reads
   main()

@@ -30,7 +30,7 @@ import jax
 import ml_collections
 
 from configs import cifar10_folder, finetune_folder
-from resnet_jax import data, huge_pages, linear_probe, pretrained
+from resnet_jax import data, linear_probe, malloc_tuning, pretrained
 from resnet_jax.bench import write_json
 from resnet_jax.training import loop, reporting
 
@@ -204,5 +204,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  huge_pages.reexec_with_huge_pages()  # faster CPU steps, as in train.py
+  malloc_tuning.reexec_with_malloc_tuning()  # faster CPU steps, as in train.py
   main()

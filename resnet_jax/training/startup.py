@@ -21,7 +21,7 @@ import time
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from resnet_jax import huge_pages
+from resnet_jax import malloc_tuning
 
 _IMPORTED_AT = time.time()
 
@@ -134,8 +134,9 @@ class StartupClock:
             "startup/cache_misses": float(self.cache_misses),
             **{f"startup/compile_seconds/{name}": seconds
                for name, seconds in self.compile_seconds_by_program.items()},
-            # 1 where malloc asks for huge pages (train.py restarts itself so; huge_pages.py)
-            "startup/malloc_huge_pages": float(huge_pages.requested_value() not in (None, "0"))}
+            # glibc malloc's settings (train.py restarts itself with them; malloc_tuning.py)
+            **{f"startup/malloc_{name}": value
+               for name, value in malloc_tuning.settings().items()}}
 
 
 def describe(summary: dict[str, float]) -> str:

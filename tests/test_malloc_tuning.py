@@ -1,4 +1,4 @@
-"""resnet_jax.huge_pages: when a program restarts itself with glibc asking for huge pages."""
+"""resnet_jax.malloc_tuning: when a program restarts itself with glibc malloc's tunables."""
 
 import os
 import subprocess
@@ -6,22 +6,26 @@ import sys
 
 import pytest
 
-from resnet_jax import huge_pages
+from resnet_jax import malloc_tuning
+
+PAD = "glibc.malloc.top_pad=67108864"
 
 
 @pytest.mark.parametrize("tunables, mode, expected", [
-    (None, "madvise", "glibc.malloc.hugetlb=1"),
-    ("", "madvise", "glibc.malloc.hugetlb=1"),
-    ("glibc.malloc.arena_max=2", "madvise", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    (None, "madvise", f"glibc.malloc.hugetlb=1:{PAD}"),
+    ("", "madvise", f"glibc.malloc.hugetlb=1:{PAD}"),
+    ("glibc.malloc.arena_max=2", "madvise",
+     f"glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1:{PAD}"),
     ("glibc.malloc.hugetlb=0", "madvise", None),  # the user's choice stands
+    ("glibc.malloc.top_pad=0", "madvise", None),
     ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2", "madvise", None),
-    ("glibc.malloc.hugetlbx=1", "madvise", "glibc.malloc.hugetlbx=1:glibc.malloc.hugetlb=1"),
-    (None, "always", None),  # the kernel gives huge pages anyway
-    (None, "never", None),  # asking would change nothing
-    (None, None, None),  # no transparent huge pages here
+    ("glibc.malloc.hugetlbx=1", "madvise", f"glibc.malloc.hugetlbx=1:glibc.malloc.hugetlb=1:{PAD}"),
+    (None, "always", PAD),  # the kernel gives huge pages anyway
+    (None, "never", PAD),  # asking would change nothing
+    (None, None, PAD),  # no transparent huge pages here
 ])
-def test_tunables_with_huge_pages(tunables, mode, expected):
-  assert huge_pages.tunables_with_huge_pages(tunables, mode) == expected
+def test_tunables_to_request(tunables, mode, expected):
+  assert malloc_tuning.tunables_to_request(tunables, mode) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -33,22 +37,22 @@ def test_tunables_with_huge_pages(tunables, mode, expected):
 def test_thp_mode_reads_the_bracketed_choice(tmp_path, text, expected):
   setting = tmp_path / "enabled"
   setting.write_text(text)
-  assert huge_pages.thp_mode(str(setting)) == expected
-  assert huge_pages.thp_mode(str(tmp_path / "missing")) is None
+  assert malloc_tuning.thp_mode(str(setting)) == expected
+  assert malloc_tuning.thp_mode(str(tmp_path / "missing")) is None
 
 
 # Prints one line per start of the program: its PID, arguments and GLIBC_TUNABLES.
 PROGRAM = """
 import os, sys
 print(os.getpid(), sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), flush=True)
-from resnet_jax.huge_pages import reexec_with_huge_pages
-reexec_with_huge_pages()
+from resnet_jax.malloc_tuning import reexec_with_malloc_tuning
+reexec_with_malloc_tuning()
 print("ran on", flush=True)
 """
 
 
 @pytest.mark.parametrize("tunables", [None, "glibc.malloc.hugetlb=0"])
-def test_reexec_keeps_pid_and_arguments_and_adds_the_tunable_only_where_it_helps(tunables):
+def test_reexec_keeps_pid_and_arguments_and_adds_the_tunables_unless_the_user_set_them(tunables):
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   if tunables is not None:
     env["GLIBC_TUNABLES"] = tunables
@@ -56,8 +60,8 @@ def test_reexec_keeps_pid_and_arguments_and_adds_the_tunable_only_where_it_helps
                           capture_output=True, text=True, timeout=60, check=True)
   *starts, last = result.stdout.splitlines()
   assert last == "ran on"
-  expected = huge_pages.tunables_with_huge_pages(tunables, huge_pages.thp_mode())
-  if expected is None or not huge_pages.on_glibc_linux():
+  expected = malloc_tuning.tunables_to_request(tunables, malloc_tuning.thp_mode())
+  if expected is None or not malloc_tuning.on_glibc_linux():
     assert starts == [f"{starts[0].split()[0]} ['--flag', 'a b'] {tunables}"]  # ran once
   else:
     first_pid = starts[0].split()[0]
@@ -65,8 +69,16 @@ def test_reexec_keeps_pid_and_arguments_and_adds_the_tunable_only_where_it_helps
                       f"{first_pid} ['--flag', 'a b'] {expected}"]  # same process, again
 
 
-def test_importing_huge_pages_does_not_import_jax():
-  code = ("import sys, resnet_jax.huge_pages; "
+def test_settings_read_this_process_tunables(monkeypatch):
+  monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.malloc.hugetlb=1:{PAD}")
+  assert malloc_tuning.settings() == {"huge_pages": 1.0, "top_pad_mib": 64.0}
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+  assert malloc_tuning.settings() == {"huge_pages": 0.0, "top_pad_mib": 0.0}
+  assert "top_pad=unset" in malloc_tuning.describe()
+
+
+def test_importing_malloc_tuning_does_not_import_jax():
+  code = ("import sys, resnet_jax.malloc_tuning; "
           "print(sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules))")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True)
