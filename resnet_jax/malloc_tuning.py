@@ -9,15 +9,19 @@ convolution packing, for one) are returned to the kernel as soon as the top of m
 heap is free, and faulted in again at the next step: the default digits run took 4.4-5.4
 million page faults and 11-13 s of kernel time for 440 steps.
 
-Two glibc tunables (glibc 2.35 and later) fix both:
+glibc tunables (glibc 2.35 and later) fix both:
 - `glibc.malloc.hugetlb=1`: malloc asks for transparent huge pages, where the kernel
   gives them only on request (`/sys/kernel/mm/transparent_hugepage/enabled` set to
   `madvise`). ResNet-50's step: ~1,000 faults, 17-27% faster.
 - `glibc.malloc.top_pad=64 MiB`: each heap keeps 64 MiB free at its top instead of
   handing it back. The digits run: ~75,000 faults, ~2 s of kernel time.
+- `glibc.malloc.mmap_threshold=32 MiB`: setting the pad turns off glibc's sliding mmap
+  threshold, which would otherwise rise to this maximum; left at its 128 KiB start, every
+  mid-sized allocation becomes an mmap (torchvision's step in the same process ran at half
+  speed).
 
 glibc reads its tunables only when a program starts, so `reexec_with_malloc_tuning` starts
-the program again with them. Opt out by setting either tunable yourself, e.g.
+the program again with them. Opt out by setting one of these tunables yourself, e.g.
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`: a GLIBC_TUNABLES that already names one of them
 is left as it is.
 """
@@ -31,6 +35,8 @@ import sys
 HUGE_PAGES = "glibc.malloc.hugetlb"
 TOP_PAD = "glibc.malloc.top_pad"
 TOP_PAD_BYTES = 64 * 2**20
+MMAP_THRESHOLD = "glibc.malloc.mmap_threshold"
+MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's largest, where its sliding threshold stops
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -48,15 +54,17 @@ def thp_mode(path: str = THP_SETTING) -> str | None:
 def tunables_to_request(tunables: str | None, mode: str | None) -> str | None:
   """The GLIBC_TUNABLES value to run with, or None to run as is.
 
-  Adds `top_pad`, and `hugetlb=1` where huge pages come on request (`mode` "madvise": with
-  "always" the kernel uses them anyway, with "never" not at all); keeps other tunables;
-  changes nothing when `tunables` already sets either of ours (the user's choice).
+  Adds `top_pad` and `mmap_threshold`, and `hugetlb=1` where huge pages come on request
+  (`mode` "madvise": with "always" the kernel uses them anyway, with "never" not at all);
+  keeps other tunables; changes nothing when `tunables` already sets one of ours (the
+  user's choice).
   """
   entries = [entry for entry in (tunables or "").split(":") if entry]
-  if any(entry.split("=", 1)[0] in (HUGE_PAGES, TOP_PAD) for entry in entries):
+  if any(entry.split("=", 1)[0] in (HUGE_PAGES, TOP_PAD, MMAP_THRESHOLD) for entry in entries):
     return None
   ours = [f"{HUGE_PAGES}=1"] if mode == "madvise" else []
-  return ":".join([*entries, *ours, f"{TOP_PAD}={TOP_PAD_BYTES}"])
+  return ":".join([*entries, *ours, f"{TOP_PAD}={TOP_PAD_BYTES}",
+                   f"{MMAP_THRESHOLD}={MMAP_THRESHOLD_BYTES}"])
 
 
 def reexec_with_malloc_tuning() -> None:

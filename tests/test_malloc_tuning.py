@@ -8,7 +8,7 @@ import pytest
 
 from resnet_jax import malloc_tuning
 
-PAD = "glibc.malloc.top_pad=67108864"
+PAD = "glibc.malloc.top_pad=67108864:glibc.malloc.mmap_threshold=33554432"
 
 
 @pytest.mark.parametrize("tunables, mode, expected", [
@@ -18,6 +18,7 @@ PAD = "glibc.malloc.top_pad=67108864"
      f"glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1:{PAD}"),
     ("glibc.malloc.hugetlb=0", "madvise", None),  # the user's choice stands
     ("glibc.malloc.top_pad=0", "madvise", None),
+    ("glibc.malloc.mmap_threshold=131072", "never", None),
     ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2", "madvise", None),
     ("glibc.malloc.hugetlbx=1", "madvise", f"glibc.malloc.hugetlbx=1:glibc.malloc.hugetlb=1:{PAD}"),
     (None, "always", PAD),  # the kernel gives huge pages anyway
