@@ -59,8 +59,8 @@ def tunables_to_request(tunables: str | None, mode: str | None) -> str | None:
   keeps other tunables; changes nothing when `tunables` already sets one of ours (the
   user's choice).
   """
-  entries = [entry for entry in (tunables or "").split(":") if entry]
-  if any(entry.split("=", 1)[0] in (HUGE_PAGES, TOP_PAD, MMAP_THRESHOLD) for entry in entries):
+  entries = _entries(tunables)
+  if any(_name(entry) in (HUGE_PAGES, TOP_PAD, MMAP_THRESHOLD) for entry in entries):
     return None
   ours = [f"{HUGE_PAGES}=1"] if mode == "madvise" else []
   return ":".join([*entries, *ours, f"{TOP_PAD}={TOP_PAD_BYTES}",
@@ -95,8 +95,8 @@ def reexec_with_malloc_tuning() -> None:
 
 def tunable_value(name: str) -> str | None:
   """This process's value of the glibc tunable `name`; None if unset."""
-  values = [entry.split("=", 1)[-1] for entry in os.environ.get("GLIBC_TUNABLES", "").split(":")
-            if entry.split("=", 1)[0] == name]
+  values = [entry.split("=", 1)[-1] for entry in _entries(os.environ.get("GLIBC_TUNABLES"))
+            if _name(entry) == name]
   return values[-1] if values else None
 
 
@@ -104,7 +104,7 @@ def settings() -> dict[str, float]:
   """This process's settings as numbers for metrics: huge_pages (1 or 0), top_pad_mib."""
   top_pad = tunable_value(TOP_PAD)
   return {"huge_pages": float(tunable_value(HUGE_PAGES) not in (None, "0")),
-          "top_pad_mib": int(top_pad, 0) / 2**20 if top_pad and top_pad.isdigit() else 0.0}
+          "top_pad_mib": int(top_pad) / 2**20 if top_pad and top_pad.isdigit() else 0.0}
 
 
 def describe() -> str:
@@ -115,6 +115,15 @@ def describe() -> str:
                 else f"transparent huge pages on request; {HUGE_PAGES}="
                      f"{tunable_value(HUGE_PAGES) or 'unset'}")
   return f"{huge_pages}; {TOP_PAD}={tunable_value(TOP_PAD) or 'unset'}"
+
+
+def _entries(tunables: str | None) -> list[str]:
+  """The "name=value" entries of a GLIBC_TUNABLES string, in order."""
+  return [entry for entry in (tunables or "").split(":") if entry]
+
+
+def _name(entry: str) -> str:
+  return entry.split("=", 1)[0]
 
 
 def on_glibc_linux() -> bool:
