@@ -12,6 +12,7 @@ FLOPs, collectives and an estimated step time (resnet_jax/bench/dry_run.py).
 
 import dataclasses
 import os
+import pathlib
 
 if __name__ == "__main__":  # first, before JAX: this may start the program again
   from resnet_jax.malloc_tuning import reexec_with_malloc_tuning
@@ -35,7 +36,7 @@ from resnet_jax.training.loop import NonFiniteError, WriteError, train_and_evalu
 
 try:  # config_flags applies --config.KEY overrides here, at definition.
   _CONFIG = config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
+      "config", str(pathlib.Path(__file__).resolve().parent / "configs" / "digits.py"),
       "Training config file; override any key with --config.KEY=VALUE.", lock_config=True)
 except (AttributeError, KeyError) as e:  # an override names a key the config does not have.
   detail = e

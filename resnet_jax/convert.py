@@ -7,13 +7,14 @@ Reads a state dict from `.pth`/`.pt` (torch.load with weights_only=True: tensors
 arbitrary pickled objects) or `.safetensors` (no torch needed) and writes it with
 `pretrained.save`, for `pretrained.load`, `config.init_from`, predict and export. Class
 names: `--class-names FILE` (one per line), else torchvision's ImageNet categories for
-1000-class weights when torchvision is installed.
+1000-class weights when torchvision is installed. Every path may be local or in a bucket.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import io
 import os
 import pickle
 from typing import Any, Mapping, Sequence
@@ -27,29 +28,32 @@ import safetensors.numpy
 
 from resnet_jax import pretrained
 from resnet_jax.interop import TORCHVISION_MODELS, from_state_dict
+from resnet_jax.storage import paths
 
 TORCH_EXTENSIONS = (".pth", ".pt")
 SAFETENSORS_EXTENSION = ".safetensors"
 WRAPPER_KEYS = ("state_dict", "model")  # training checkpoints often nest the weights so
 
 
-def read_state_dict(path: str) -> Mapping[str, Any]:
+def read_state_dict(path: str | os.PathLike) -> Mapping[str, Any]:
   """The state dict in a .pth/.pt or .safetensors file, unwrapped from {"state_dict": ...}
   or {"model": ...}. Raises ValueError saying what is wrong with the file."""
-  extension = os.path.splitext(path)[1].lower()
+  path = paths.resolve(path)
+  extension = path.suffix.lower()
   if extension not in TORCH_EXTENSIONS + (SAFETENSORS_EXTENSION,):
     raise ValueError(f"{path}: unknown extension {extension!r}; expected .pth, .pt or "
                      ".safetensors")
-  if not os.path.isfile(path):
+  if not path.is_file():
     raise ValueError(f"{path}: no such file")
   if extension in TORCH_EXTENSIONS and torch is None:
     raise ValueError(f"reading {path} needs torch: pip install torch, or convert the file "
                      "to .safetensors, which needs no torch")
   try:
     if extension == SAFETENSORS_EXTENSION:
-      state_dict = safetensors.numpy.load_file(path)
+      state_dict = safetensors.numpy.load(path.read_bytes())
     else:
-      state_dict = torch.load(path, map_location="cpu", weights_only=True)
+      state_dict = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu",
+                              weights_only=True)
   except pickle.UnpicklingError:  # torch's message suggests the unsafe weights_only=False
     raise ValueError(f"could not read {path} as tensors only: it is corrupt, or pickles other "
                      "objects (a whole model?); save model.state_dict() instead") from None
@@ -65,11 +69,11 @@ def read_state_dict(path: str) -> Mapping[str, Any]:
   return state_dict
 
 
-def read_class_names(path: str, num_classes: int) -> tuple[str, ...]:
+def read_class_names(path: str | os.PathLike, num_classes: int) -> tuple[str, ...]:
   """The non-empty lines of `path`, which must be exactly `num_classes`."""
   try:
-    with open(path) as f:
-      names = tuple(line.strip() for line in f if line.strip())
+    lines = paths.resolve(path).read_text().splitlines()
+    names = tuple(line.strip() for line in lines if line.strip())
   except OSError as e:
     raise ValueError(f"could not read the class names in {path}: {e.strerror}") from None
   if len(names) != num_classes:
@@ -95,7 +99,7 @@ def convert(name: str, weights: str, out: str,
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"--from-torchvision {name!r} is not a torchvision ResNet.{hint} "
                      f"Choose one of: {', '.join(TORCHVISION_MODELS)}")
-  if os.path.exists(out):  # before reading what may be gigabytes of weights
+  if paths.resolve(out).exists():  # before reading what may be gigabytes of weights
     raise ValueError(f"--out {out} already exists; choose a new directory")
   variables = from_state_dict(name, read_state_dict(weights))
   num_classes = variables["params"]["fc"]["kernel"].shape[-1]
@@ -105,7 +109,7 @@ def convert(name: str, weights: str, out: str,
     class_names = imagenet_class_names() if num_classes == 1000 else ()
   info = pretrained.ModelInfo(model=name, num_classes=num_classes, image_size=224,
                               preprocessing="imagenet", class_names=class_names,
-                              source=os.path.abspath(weights))
+                              source=os.fspath(paths.resolve(weights)))
   pretrained.save(out, variables, info)
   return info
 

@@ -23,9 +23,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from resnet_jax import pretrained
 from resnet_jax.predict import apply_fn
+from resnet_jax.storage import paths
 
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each by default: the file runs on any of them
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -64,7 +66,8 @@ def export_forward(weights: pretrained.Pretrained, platforms: Sequence[str] = PL
   return jax.export.export(forward, platforms=platforms)(images)
 
 
-def write(exported: jax.export.Exported, weights: pretrained.Pretrained, file: str) -> None:
+def write(exported: jax.export.Exported, weights: pretrained.Pretrained,
+          file: str | os.PathLike) -> None:
   """Writes the serialised `exported` to `file` and its description to `file`.json."""
   info = weights.info
   description = {
@@ -74,30 +77,32 @@ def write(exported: jax.export.Exported, weights: pretrained.Pretrained, file: s
                                f".eval at image_size {info.image_size}"},
       "output": {"shape": [BATCH, info.num_classes], "dtype": "float32", "meaning": "logits"},
       "platforms": list(exported.platforms),
-      "checkpoint": weights.path,
+      "checkpoint": os.fspath(weights.path),
   }
-  os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-  with open(file, "wb") as f:
-    f.write(exported.serialize())
-  with open(file + ".json", "w") as f:
-    json.dump(description, f, indent=1)
+  file = paths.resolve(file)
+  file.parent.mkdir(parents=True, exist_ok=True)
+  file.write_bytes(exported.serialize())
+  _description_file(file).write_text(json.dumps(description, indent=1))
 
 
-def load_exported(file: str) -> ExportedModel:
+def _description_file(file: epath.Path) -> epath.Path:
+  return file.with_name(file.name + ".json")
+
+
+def load_exported(file: str | os.PathLike) -> ExportedModel:
   """Reads what `write` wrote; raises ValueError naming `file` if it is missing or not one."""
-  if not os.path.isfile(file):
+  file = paths.resolve(file)
+  if not file.is_file():
     raise ValueError(f"{file}: no such file (expected the output of resnet_jax.export)")
-  with open(file, "rb") as f:
-    blob = bytearray(f.read())
+  blob = bytearray(file.read_bytes())
   try:
     exported = jax.export.deserialize(blob)
   except Exception as e:  # the flatbuffer reader raises many types; all mean "not a program"
     raise ValueError(f"{file} is not a serialised jax.export program ({type(e).__name__}: "
                      f"{e}); write it with resnet_jax.export") from None
   info = None
-  if os.path.isfile(file + ".json"):
-    with open(file + ".json") as f:
-      info = pretrained.ModelInfo.from_json(json.load(f)["model"])
+  if _description_file(file).is_file():
+    info = pretrained.ModelInfo.from_json(json.loads(_description_file(file).read_text())["model"])
   return ExportedModel(exported, info)
 
 
@@ -133,12 +138,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
   try:
-    if args.saved_model and os.path.exists(args.saved_model):
+    if args.saved_model and paths.resolve(args.saved_model).exists():
       raise ValueError(f"--saved_model={args.saved_model} already exists; choose a new directory")
     weights = pretrained.load(args.checkpoint)
     write(export_forward(weights, platforms), weights, args.out)
     if args.saved_model:
-      save_tf_saved_model(weights, args.saved_model, platforms)
+      # TensorFlow writes it, through its own client for a bucket.
+      save_tf_saved_model(weights, os.fspath(paths.resolve(args.saved_model)), platforms)
   except (ValueError, OSError) as e:  # OSError: --out or --saved_model cannot be written
     parser.exit(2, f"error: {e}\n")
   print(f"Wrote {args.out} and {args.out}.json ({weights.info.model}, input uint8 "

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from resnet_jax.file_lock import file_lock
+from resnet_jax.storage.file_lock import file_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(REPO, "train.py")
@@ -232,7 +232,8 @@ def sigterm(runs: Runs, processes: int = 1) -> tuple[str, bool]:
   _wait_for_step(workdir, first_step, started[0])
   started[-1].send_signal(signal.SIGTERM)
   stopped = finish(started)
-  at_step = re.search(r"Stopped by (SIGTERM|another process) after step (\d+)", stopped[0].stdout)
+  at_step = re.search(r"Stopped by (SIGTERM|another process|a preemption notice \(SIGTERM\)) "
+                      r"after step (\d+)", stopped[0].stdout)
   if any(r.returncode != 0 for r in stopped) or not at_step:
     return _failure(stopped), False
   step, saved = int(at_step.group(2)), checkpoint_steps(workdir)

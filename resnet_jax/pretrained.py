@@ -9,7 +9,8 @@ any of them:
 From a training checkpoint only the eval variables are read (the EMA of params when the run
 kept one), never the optimizer state. Weights are always written and returned in the unrolled
 layout (one `layer{i}_{j}` per block, torchvision's); `merge` converts them for a model with
-`scan_blocks=True` (see `models.scan`).
+`scan_blocks=True` (see `models.scan`). Every path may be local or in a bucket (`storage.paths`);
+a checkpoint counts only once orbax has finished it (a save cut short is never read).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from etils import epath
 
 from resnet_jax.data.dataset_info import IMAGENET_MEAN, IMAGENET_STD
 from resnet_jax.models import ResNet, create_model, scan
+from resnet_jax.storage import paths
 
 PyTree = Any
 MODEL_ITEM = "model"  # JSON ModelInfo, in training checkpoints and converted weights alike
@@ -72,10 +74,10 @@ class Pretrained:
 
   variables: dict[str, PyTree]
   info: ModelInfo
-  path: str  # the checkpoint directory read
+  path: epath.Path  # the checkpoint directory read
 
 
-def save(directory: str, variables: dict[str, PyTree], info: ModelInfo) -> None:
+def save(directory: str | os.PathLike, variables: dict[str, PyTree], info: ModelInfo) -> None:
   """Writes `variables` and `info` as an orbax checkpoint in `directory` (must not exist).
 
   Checks first that the variables fit `info`'s model, so nothing unusable is written.
@@ -83,8 +85,8 @@ def save(directory: str, variables: dict[str, PyTree], info: ModelInfo) -> None:
   """
   variables = scan.to_unrolled(variables)
   check_variables_fit(variables, info)
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory):
+  directory = paths.resolve(directory)
+  if directory.exists():
     raise ValueError(f"{directory} already exists; choose a new output directory")
   arrays = {k: jax.tree.map(np.asarray, variables.get(k, {})) for k in ("params", "batch_stats")}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -93,54 +95,54 @@ def save(directory: str, variables: dict[str, PyTree], info: ModelInfo) -> None:
         MODEL_ITEM: ocp.args.JsonSave(info.to_json())}))
 
 
-def checkpoint_dir(path: str) -> str:
-  """The checkpoint directory `path` names: itself, or a workdir's latest checkpoint."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
+  """The checkpoint directory `path` names: itself, or a workdir's latest finished checkpoint."""
+  path = paths.resolve(path)
+  if not path.is_dir():
     raise ValueError(f"{path}: no such directory (expected a train.py workdir, one of its "
                      "checkpoints, or the output of resnet_jax.convert)")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
   if not _is_checkpoint(path):
-    steps = sorted((int(name) for name in os.listdir(path)
-                    if name.isdigit() and _is_checkpoint(os.path.join(path, name))))
+    steps = sorted(int(child.name) for child in path.iterdir()
+                   if child.name.isdigit() and _is_checkpoint(child)
+                   and ocp.path.step.is_path_finalized(child))
     if not steps:
       raise ValueError(f"{path} holds no checkpoint (expected a train.py workdir, one of its "
                        "checkpoints, or the output of resnet_jax.convert)")
-    path = os.path.join(path, str(steps[-1]))
+    path = path / str(steps[-1])
   return path
 
 
-def _is_checkpoint(path: str) -> bool:
-  return any(os.path.isdir(os.path.join(path, item)) for item in (STATE_ITEM, VARIABLES_ITEM))
+def _is_checkpoint(path: epath.Path) -> bool:
+  return any((path / item).is_dir() for item in (STATE_ITEM, VARIABLES_ITEM))
 
 
-def load_info(path: str) -> ModelInfo:
+def load_info(path: str | os.PathLike) -> ModelInfo:
   """The ModelInfo of the checkpoint `path` names (see `checkpoint_dir`), without its arrays."""
   path = checkpoint_dir(path)
-  info_file = os.path.join(path, MODEL_ITEM, "metadata")
-  if not os.path.isfile(info_file):
+  info_file = path / MODEL_ITEM / "metadata"
+  if not info_file.is_file():
     raise ValueError(f"{path} has no '{MODEL_ITEM}' item: it was written before checkpoints "
                      "recorded their model; train again, or convert the weights")
-  with open(info_file) as f:
-    try:
-      return ModelInfo.from_json(json.load(f))
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"{info_file} is not a valid model description: {e}") from None
+  try:
+    return ModelInfo.from_json(json.loads(info_file.read_text()))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{info_file} is not a valid model description: {e}") from None
 
 
-def load(path: str) -> Pretrained:
+def load(path: str | os.PathLike) -> Pretrained:
   """Reads weights and ModelInfo from a workdir, a checkpoint or converted weights.
 
   Raises ValueError naming the path when there is no checkpoint or it cannot be read.
   """
   path = checkpoint_dir(path)
   info = load_info(path)
-  is_training_checkpoint = os.path.isdir(os.path.join(path, STATE_ITEM))
-  item_dir = os.path.join(path, STATE_ITEM if is_training_checkpoint else VARIABLES_ITEM)
+  is_training_checkpoint = (path / STATE_ITEM).is_dir()
+  item_dir = path / (STATE_ITEM if is_training_checkpoint else VARIABLES_ITEM)
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
     try:
-      stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir)).tree
+      stored = ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
       keys = ["params", "batch_stats"] + (["ema_params"] if "ema_params" in stored else [])
       target = {k: jax.tree.map(lambda m: np.empty(m.shape, m.dtype), stored[k])
                 for k in keys if k in stored}

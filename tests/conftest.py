@@ -26,12 +26,22 @@ def digits_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def local_bucket(tmp_path_factory: pytest.TempPathFactory):
+  """A GCS bucket on 127.0.0.1 (the storage emulator, in memory), one per test process; this
+  process and the train.py processes it starts reach it as gs://resnet-jax-test."""
+  from resnet_jax.storage import emulator
+  with emulator.LocalBucket() as bucket:
+    emulator.use(bucket)
+    yield bucket
+
+
+@pytest.fixture(scope="session")
 def trained_folder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
   """(workdir, tfds data dir, root): 4 steps of ResNet-8 on a folder of digits 0-4, once
   per session (the first worker that needs it trains it; the others wait and share it), with
   gradient norms logged; fine-tuning, probes, predict and the analysis tools start from its
   checkpoint."""
-  from resnet_jax.file_lock import file_lock
+  from resnet_jax.storage.file_lock import file_lock
   from resnet_jax.training import loop
   from short_run import digit_folder, shared_dir, short_folder_config
 

@@ -7,14 +7,17 @@ Classes are the sorted names of the train folders. Without val/ or test/, the la
 `holdout_fraction` of each class's files (sorted by name; at least one) are held out
 as the `holdout` split. Preparing copies every readable file's bytes as they are (no
 re-encoding) into a tfds dataset under `data_dir/folder_images/`, named by a fingerprint
-of the file list (paths, sizes, mtimes) and the hold-out, so a changed folder is prepared
+of the file list (paths, sizes, versions) and the hold-out, so a changed folder is prepared
 again and an unchanged one never is. Preparing is where each file is decoded once with the decoder
 training uses: an unreadable file is skipped with a warning naming it and a count at the
-end, so nothing fails mid-epoch and nothing is dropped silently.
+end, so nothing fails mid-epoch and nothing is dropped silently. The folder and the data dir
+may each be local or in a bucket (`storage.paths`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,12 +26,15 @@ import os
 import re
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
+from jax.experimental import multihost_utils
 
-from resnet_jax.file_lock import file_lock
+from resnet_jax.storage import paths
+from resnet_jax.storage.file_lock import file_lock
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 EVAL_FOLDERS = ("val", "test")
@@ -53,51 +59,60 @@ class FolderListing:
   fingerprint: str
 
 
-def _image_files(class_dir: str, ignored: list[str]) -> list[os.DirEntry]:
-  entries = sorted((e for e in os.scandir(class_dir) if e.is_file()), key=lambda e: e.name)
-  images = [e for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)]
-  ignored.extend(e.path for e in entries if e not in images and not e.name.startswith("."))
-  return images
-
-
-def _class_dirs(split_dir: str) -> dict[str, str]:
-  return {e.name: e.path for e in os.scandir(split_dir)
-          if e.is_dir() and not e.name.startswith(".")}
+def _folder_tree(root: str) -> dict[str, dict[str, list[paths.Entry]]]:
+  """split → class → the entries directly in that class folder, from one listing of `root`;
+  hidden folders and files are left out."""
+  tree: dict[str, dict[str, list[paths.Entry]]] = {}
+  for entry in paths.list_tree(paths.resolve(root)):
+    parts = entry.path[len(root) + 1:].split("/")
+    if any(part.startswith(".") for part in parts) or len(parts) > 3:
+      continue
+    if len(parts) == 1 and not entry.is_dir:
+      continue
+    classes = tree.setdefault(parts[0], {})
+    if len(parts) == 2 and entry.is_dir:
+      classes.setdefault(parts[1], [])
+    elif len(parts) == 3 and not entry.is_dir:
+      classes.setdefault(parts[1], []).append(entry)
+  return tree
 
 
 def scan(root: str, holdout_fraction: float) -> FolderListing:
-  """Lists and checks the folder; raises ValueError naming what is wrong with it."""
-  root = os.path.abspath(os.path.expanduser(root))
-  if not os.path.isdir(root):
+  """Lists and checks the folder (local or in a bucket); raises ValueError naming what is
+  wrong with it."""
+  root_path = paths.resolve(root)
+  paths.check_bucket(root_path, "folder:")
+  root = os.fspath(root_path)
+  if not root_path.is_dir():
     raise ValueError(f"Image folder {root!r} does not exist or is not a directory. {LAYOUT}")
-  train_dir = os.path.join(root, "train")
-  if not os.path.isdir(train_dir):
+  tree = _folder_tree(root)
+  train_dir = f"{root}/train"
+  if "train" not in tree:
     raise ValueError(f"Image folder {root!r} has no train/ folder. {LAYOUT}")
-  class_dirs = _class_dirs(train_dir)
-  if not class_dirs:
+  if not tree["train"]:
     raise ValueError(f"{train_dir!r} has no class folders. {LAYOUT}")
-  class_names = tuple(sorted(class_dirs))
+  class_names = tuple(sorted(tree["train"]))
   label_of = {name: label for label, name in enumerate(class_names)}
   ignored: list[str] = []
   fingerprint = hashlib.sha256(json.dumps([_FORMAT_VERSION, holdout_fraction]).encode())
 
   def list_split(split: str) -> list[tuple[str, int]]:
-    split_dir = os.path.join(root, split)
-    dirs = _class_dirs(split_dir)
-    unknown = sorted(set(dirs) - set(class_names))
+    split_dir = f"{root}/{split}"
+    unknown = sorted(set(tree[split]) - set(class_names))
     if unknown:
       raise ValueError(f"{split_dir!r} has class folder(s) {unknown} that train/ lacks; "
                        f"every {split}/ class must also be a train/ class.")
     files = []
-    for name in sorted(dirs):
-      entries = _image_files(dirs[name], ignored)
-      if not entries and split == "train":
-        raise ValueError(f"Class folder {dirs[name]!r} has no images "
+    for name in sorted(tree[split]):
+      entries = tree[split][name]
+      images = [e for e in entries if e.path.lower().endswith(IMAGE_EXTENSIONS)]
+      ignored.extend(e.path for e in entries if e not in images)
+      if not images and split == "train":
+        raise ValueError(f"Class folder {split_dir + '/' + name!r} has no images "
                          f"({' '.join(IMAGE_EXTENSIONS)}); add images or remove it.")
-      for entry in entries:
-        stat = entry.stat()
-        fingerprint.update(f"{split}/{name}/{entry.name}\0{stat.st_size}\0"
-                           f"{stat.st_mtime_ns}\n".encode())
+      for entry in images:
+        fingerprint.update(f"{entry.path[len(root) + 1:]}\0{entry.size}\0"
+                           f"{entry.version}\n".encode())
         files.append((entry.path, label_of[name]))
     if not files:
       raise ValueError(f"Split folder {split_dir!r} has no images. {LAYOUT}")
@@ -105,7 +120,7 @@ def scan(root: str, holdout_fraction: float) -> FolderListing:
 
   splits = {"train": list_split("train")}
   for split in EVAL_FOLDERS:
-    if os.path.isdir(os.path.join(root, split)):
+    if split in tree:
       splits[split] = list_split(split)
   eval_split = next((s for s in EVAL_FOLDERS if s in splits), HOLDOUT_SPLIT)
   return FolderListing(root, class_names, holdout_fraction, splits, eval_split,
@@ -133,10 +148,27 @@ class CheckedImage:
   error: str
 
 
-def _short_side(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def read_files(files: list[str], threads: int = 16, chunk: int = 256
+               ) -> Iterator[tuple[str, bytes]]:
+  """(path, bytes) of each file in order, read `threads` at a time through `storage.paths`
+  (a bucket answers each read slowly, but many at once); at most `chunk` files in memory."""
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    for start in range(0, len(files), chunk):
+      part = files[start:start + chunk]
+      yield from zip(part, pool.map(_read_or_empty, part))
+
+
+def _read_or_empty(path: str) -> bytes:
+  """The file's bytes; b"" where it cannot be read (decoding then says it is unreadable)."""
+  try:
+    return paths.resolve(path).read_bytes()
+  except OSError:
+    return b""
+
+
+def _short_side(path: tf.Tensor, encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   """(path, short side), decoding as training will (JPEGs at 1/8 scale: every byte is still
   parsed); raises where the file is unreadable."""
-  encoded = tf.io.read_file(path)
 
   def jpeg() -> tf.Tensor:
     decoded = tf.image.decode_jpeg(encoded, channels=3, ratio=8)
@@ -152,24 +184,26 @@ def _short_side(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 def check_image(path: str) -> CheckedImage:
   """`_short_side` run eagerly on one file, to say why it fails."""
   try:
-    return CheckedImage(path, int(_short_side(tf.constant(path))[1]), "")
-  except (tf.errors.OpError, ValueError) as e:
+    encoded = tf.constant(paths.resolve(path).read_bytes())
+    return CheckedImage(path, int(_short_side(tf.constant(path), encoded)[1]), "")
+  except (tf.errors.OpError, ValueError, OSError) as e:
     message = getattr(e, "message", str(e))  # TF's text, without the op's name and device
     message = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", message).strip()
     return CheckedImage(path, 0, message or type(e).__name__)
 
 
-def check_images(paths: list[str]) -> list[CheckedImage]:
+def check_images(files: list[str]) -> list[CheckedImage]:
   """Decodes every file on tf.data's threads, with a progress bar; explains each failure."""
-  ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
+  ds = tf.data.Dataset.from_generator(
+      lambda: read_files(files), output_signature=(tf.TensorSpec((), tf.string),) * 2)
   ds = ds.map(_short_side, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   ds = ds.ignore_errors().prefetch(tf.data.AUTOTUNE)
   readable = {}
-  with tqdm.tqdm(total=len(paths), desc="Checking images", unit="img", leave=False) as bar:
+  with tqdm.tqdm(total=len(files), desc="Checking images", unit="img", leave=False) as bar:
     for path, short_side in ds.as_numpy_iterator():
       readable[path.decode()] = CheckedImage(path.decode(), int(short_side), "")
       bar.update(1)
-  return [readable.get(p) or check_image(p) for p in paths]  # the eager check says why
+  return [readable.get(p) or check_image(p) for p in files]  # the eager check says why
 
 
 class FolderImages(tfds.core.GeneratorBasedBuilder):
@@ -180,7 +214,7 @@ class FolderImages(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, listing: FolderListing, readable: dict[str, list[tuple[str, int]]],
                **kwargs):
-    slug = re.sub(r"[^a-z0-9]+", "_", os.path.basename(listing.root).lower()).strip("_")
+    slug = re.sub(r"[^a-z0-9]+", "_", listing.root.rsplit("/", 1)[-1].lower()).strip("_")
     config = tfds.core.BuilderConfig(name=f"{slug or 'folder'}_{listing.fingerprint[:16]}",
                                      description=listing.root)
     self._listing, self._readable = listing, readable
@@ -202,10 +236,9 @@ class FolderImages(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, files: list[tuple[str, int]]) -> Iterator[tuple[str, dict]]:
     root = self._listing.root
-    for path, label in files:
-      with open(path, "rb") as f:
-        yield path, {"image": f.read(), "label": label,
-                     "file_name": os.path.relpath(path, root)}
+    labels = dict(files)
+    for path, encoded in read_files([path for path, _ in files]):
+      yield path, {"image": encoded, "label": labels[path], "file_name": path[len(root) + 1:]}
 
 
 def quiet_builder(builder_class: type, *args, **kwargs) -> tfds.core.DatasetBuilder:
@@ -257,15 +290,23 @@ def prepared_builder_dir(root: str, data_dir: str | None,
   """Prepares the folder if its current state is not prepared yet; returns where it is.
 
   Returns (builder_dir, listing, facts), facts being what preparing found
-  (`native_image_size`, `skipped_files`, `eval_split`).
+  (`native_image_size`, `skipped_files`, `eval_split`). `root` and `data_dir` may be local
+  or in a bucket. With several processes, process 0 prepares while the others wait at a
+  barrier; a process that then finds nothing (its data_dir is a disk of its own host, not
+  shared) prepares its own copy. Processes on one host take turns through a file lock.
   """
   listing = scan(root, holdout_fraction)
-  data_dir = os.path.expanduser(data_dir or str(tfds.core.constants.DATA_DIR))
+  data_dir = os.fspath(paths.resolve(data_dir or str(tfds.core.constants.DATA_DIR)))
   probe = quiet_builder(FolderImages, listing, {}, data_dir=data_dir)
-  builder_dir = str(probe.data_path)
-  facts_path = os.path.join(builder_dir, FACTS_FILE)
-  with file_lock(os.path.join(data_dir, probe.name, f"{probe.builder_config.name}.lock")):
-    if not os.path.exists(facts_path):
+  builder_dir = paths.resolve(probe.data_path)
+  facts_path = builder_dir / FACTS_FILE
+  lock = (contextlib.nullcontext() if paths.is_bucket(data_dir) else
+          file_lock(f"{data_dir}/{probe.name}/{probe.builder_config.name}.lock"))
+
+  def prepare_unless_prepared() -> None:
+    with lock:
+      if facts_path.exists():
+        return
       total = sum(len(files) for files in listing.splits.values())
       logging.warning("Preparing image folder %s (%d files) into %s; this happens once for "
                       "each state of the folder.", listing.root, total, builder_dir)
@@ -275,8 +316,12 @@ def prepared_builder_dir(root: str, data_dir: str | None,
                "eval_split": listing.eval_split,
                "skipped_files": sorted({p for files in listing.splits.values() for p, _ in files}
                                        - {p for files in readable.values() for p, _ in files})}
-      with open(facts_path + ".tmp", "w") as f:
-        json.dump(facts, f, indent=1)
-      os.replace(facts_path + ".tmp", facts_path)  # written last: marks the dataset complete
-  with open(facts_path) as f:
-    return builder_dir, listing, json.load(f)
+      # Written last: marks the dataset complete.
+      paths.write_atomically(facts_path, json.dumps(facts, indent=1))
+
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      prepare_unless_prepared()
+    multihost_utils.sync_global_devices(f"prepared {probe.builder_config.name}")
+  prepare_unless_prepared()
+  return os.fspath(builder_dir), listing, json.loads(facts_path.read_text())

@@ -5,6 +5,11 @@ it restores under any parallelism mode or device count), `data` (JSON: what the 
 pipeline needs to continue exactly where it stopped) and `model` (JSON: the
 `pretrained.ModelInfo` that lets prediction, export and fine-tuning start from it). Writes are asynchronous and
 collective: every process calls `save`, orbax coordinates who writes what.
+
+The workdir may be local or in a bucket. Orbax marks a finished checkpoint differently on
+each: a local one is written under a temporary name and renamed, a bucket (which cannot
+rename atomically) gets a `commit_success.txt` last. Orbax lists only finished ones, so a
+save cut short is never restored or moved aside here; its next save of that step replaces it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from resnet_jax import pretrained
 from resnet_jax.models import scan
+from resnet_jax.storage import paths
 from resnet_jax.training.train_state import TrainState
 
 STATE_ITEM = pretrained.STATE_ITEM
@@ -30,7 +36,8 @@ class CheckpointError(RuntimeError):
   """No checkpoint in the workdir can be read."""
 
 
-def make_checkpoint_manager(workdir: str, keep: int, best_metric: str) -> ocp.CheckpointManager:
+def make_checkpoint_manager(workdir: str | os.PathLike, keep: int, best_metric: str
+                            ) -> ocp.CheckpointManager:
   """Keeps the latest `keep` checkpoints plus the best one by `best_metric` (losses: lowest)."""
   lower_is_better = "loss" in best_metric
   preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
@@ -41,7 +48,7 @@ def make_checkpoint_manager(workdir: str, keep: int, best_metric: str) -> ocp.Ch
   ])
   options = ocp.CheckpointManagerOptions(preservation_policy=preservation,
                                          enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  return ocp.CheckpointManager(paths.resolve(workdir) / "checkpoints",
                                options=options, item_names=(STATE_ITEM, "data", pretrained.MODEL_ITEM))
 
 
@@ -60,11 +67,10 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_position: dict[
                metrics=metrics, force=True)
 
 
-def _stored_state_mismatches(step_dir: str, target: dict[str, Any]) -> list[str] | None:
+def _stored_state_mismatches(step_dir: epath.Path, target: dict[str, Any]) -> list[str] | None:
   """How the stored state's shapes differ from `target`'s; None if unreadable."""
   try:
-    stored = ocp.PyTreeCheckpointHandler().metadata(
-        epath.Path(step_dir, STATE_ITEM)).tree
+    stored = ocp.PyTreeCheckpointHandler().metadata(step_dir / STATE_ITEM).tree
   except Exception:  # noqa: BLE001 - any failure to read it means damage
     return None
   mismatches = pretrained.variable_mismatches(target, stored)
@@ -74,17 +80,21 @@ def _stored_state_mismatches(step_dir: str, target: dict[str, Any]) -> list[str]
   return mismatches
 
 
-def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-  """Moves a damaged checkpoint to checkpoints_damaged/ (never deletes it); returns where."""
-  source = os.path.join(manager.directory, str(step))
-  aside_dir = os.path.join(os.path.dirname(os.fspath(manager.directory)), "checkpoints_damaged")
-  target = os.path.join(aside_dir, str(step))
+def move_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  """Moves a damaged checkpoint to checkpoints_damaged/ (never deletes it); returns where.
+
+  In a bucket the move copies every object, then deletes the originals: cut short, it leaves
+  the checkpoint where it was (and perhaps a partial copy), to be moved again at the next start.
+  """
+  source = manager.directory / str(step)
+  aside_dir = manager.directory.parent / "checkpoints_damaged"
+  target = aside_dir / str(step)
   suffix = 1
-  while os.path.exists(target):  # damaged twice at the same step: keep both
-    target, suffix = os.path.join(aside_dir, f"{step}.{suffix}"), suffix + 1
+  while target.exists():  # damaged twice at the same step: keep both
+    target, suffix = aside_dir / f"{step}.{suffix}", suffix + 1
   if jax.process_index() == 0:
-    os.makedirs(aside_dir, exist_ok=True)
-    os.replace(source, target)
+    aside_dir.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
   manager.reload()
@@ -96,7 +106,7 @@ def _model_in_brackets(info: pretrained.ModelInfo | None) -> str:
   return f" ({info.model}, {info.num_classes} classes)" if info else ""
 
 
-def _recorded_model(step_dir: str) -> pretrained.ModelInfo | None:
+def _recorded_model(step_dir: epath.Path) -> pretrained.ModelInfo | None:
   """The model a checkpoint records, or None when it records none readable."""
   try:
     return pretrained.load_info(step_dir)
@@ -119,7 +129,7 @@ def restore_latest(manager: ocp.CheckpointManager, template: TrainState,
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(template))
   damaged = []
   for step in sorted(manager.all_steps(), reverse=True):
-    step_dir = os.path.join(manager.directory, str(step))
+    step_dir = manager.directory / str(step)
     mismatches = _stored_state_mismatches(step_dir, target)
     if mismatches:
       raise ValueError(

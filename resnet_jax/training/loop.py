@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from resnet_jax import data, linear_probe, pretrained
 from resnet_jax.data.device_ops import InputTransform
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.models.layers import resolve_layer_impl
+from resnet_jax.storage import paths
 from resnet_jax.training import (checkpointing, optimizers, parallel, preemption, reporting,
                                  startup, steps)
 from resnet_jax.training.config import validate_config
@@ -269,33 +271,44 @@ def check_finite(history: list[dict[str, np.ndarray]], first_step: int,
   return consecutive_skips
 
 
-def prepare_workdir(workdir: str) -> None:
-  """Creates `workdir` if needed; ValueError (one line) when it cannot hold a run's outputs."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir} is a file, not a directory; choose another path")
+def prepare_workdir(workdir: str | os.PathLike) -> epath.Path:
+  """`workdir` as a path, created if local; ValueError (one line) when it cannot hold a run.
+
+  A bucket workdir is checked instead: reachable with these credentials, and writable.
+  """
+  path = paths.resolve(workdir)
+  if paths.is_bucket(path):
+    paths.check_bucket(path, "--workdir", writable=True)
+    return path
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"--workdir={path} is a file, not a directory; choose another path")
   try:
-    os.makedirs(workdir, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise ValueError(f"cannot create --workdir={workdir}: {e.strerror}") from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise ValueError(f"--workdir={workdir} is not writable; choose another path")
+    raise ValueError(f"cannot create --workdir={path}: {e.strerror}") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir={path} is not writable; choose another path")
+  return path
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                       ) -> dict[str, float]:
   """Trains (resuming from `workdir` if it has checkpoints); returns the final eval metrics.
+
+  `workdir` may be local or in a bucket (gs://, s3://): every file the run writes goes there.
 
   SIGTERM or SIGINT stops it after the current step with a checkpoint of that step; it
   then returns {} (see `preemption`). Non-finite values are handled as `config.nan_policy`
   says (NonFiniteError when training must stop).
   """
   validate_config(config)
-  prepare_workdir(workdir)
+  workdir = prepare_workdir(workdir)
   startup.use_compilation_cache(config.compilation_cache_dir)
   with startup.StartupClock() as startup_clock:
     return _train_and_evaluate(config, workdir, startup_clock)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                         startup_clock: startup.StartupClock) -> dict[str, float]:
   # Shapes only: a resumed run restores its state without initialising one first.
   exp = setup(config, abstract_state=True)

@@ -1,11 +1,14 @@
 """Metrics output for the training loop: a JSON-lines log, TensorBoard scalars, curves, progress.
 
+Every file goes through `storage.paths`, so a workdir in a bucket gets the same files.
+
 Only one process writes (the loop passes `enabled=jax.process_index() == 0`); elsewhere every
 method is a no-op, so callers need no `if` around them.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -13,7 +16,10 @@ from collections.abc import Mapping
 
 import tensorboardX
 import tqdm
+from etils import epath
 from matplotlib.figure import Figure
+
+from resnet_jax.storage import paths
 
 METRICS_FILENAME = "metrics.jsonl"
 CURVES_FILENAME = "curves.png"
@@ -23,15 +29,14 @@ CURVE_PANELS = (  # (title, y-axis scale, metric keys) per panel, left to right.
 )
 
 
-def read_metrics(path: str) -> list[dict[str, float]]:
+def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
   """Reads a metrics.jsonl file, skipping (with a warning) lines cut short by a kill."""
   records = []
-  with open(path) as f:
-    for line_number, line in enumerate(f, start=1):
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        logging.warning("Skipping unreadable line %d of %s: %r", line_number, path, line[:80])
+  for line_number, line in enumerate(paths.resolve(path).read_text().splitlines(), start=1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      logging.warning("Skipping unreadable line %d of %s: %r", line_number, path, line[:80])
   return records
 
 
@@ -41,56 +46,91 @@ def metric_curve(records: list[dict[str, float]], key: str) -> tuple[list[int], 
   return [step for step, _ in points], [value for _, value in points]
 
 
-def _write_records(path: str, records: list[dict[str, float]]) -> None:
-  """Replaces `path` atomically with `records`, one JSON object per line."""
-  temporary_path = path + ".tmp"
-  with open(temporary_path, "w") as f:
-    f.writelines(json.dumps(record) + "\n" for record in records)
-  os.replace(temporary_path, path)
+class _BucketEventsFile:
+  """A TensorBoard events file in a bucket: objects cannot be appended to, so every flush
+  uploads the whole file again (an events file of scalars stays small)."""
+
+  def __init__(self, path: str):
+    self._path, self._buffer = paths.resolve(path), io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    self._path.write_bytes(self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _BucketEventsFiles:
+  """tensorboardX's writer factory for gs:// and s3://, through the run's storage backend."""
+
+  def open(self, path: str) -> _BucketEventsFile:
+    return _BucketEventsFile(path)
+
+  def directory_check(self, path: str) -> None:
+    """Buckets have no directories to create."""
+
+
+for _scheme in ("gs", "s3"):  # replaces tensorboardX's own (google-cloud-storage, boto3)
+  tensorboardX.record_writer.register_writer_factory(_scheme, _BucketEventsFiles())
 
 
 class MetricsWriter:
-  """Appends metrics to {workdir}/metrics.jsonl and {workdir}/tensorboard/.
+  """Writes metrics to {workdir}/metrics.jsonl and {workdir}/tensorboard/, local or in a bucket.
 
   With `resume_step`, records after that step are dropped first (and TensorBoard is told to
   purge them), so a kill and resume leaves no duplicated or future steps in the curves.
+  Bucket objects cannot be appended to, so metrics.jsonl is rewritten whole at each write,
+  atomically (`paths.write_atomically`): a kill leaves the old file or the new one.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
+               resume_step: int | None = None):
     self.enabled = enabled
-    self.metrics_path = os.path.join(workdir, METRICS_FILENAME)
-    self.curves_path = os.path.join(workdir, CURVES_FILENAME)
+    workdir = paths.resolve(workdir)
+    self.metrics_path = workdir / METRICS_FILENAME
+    self.curves_path = workdir / CURVES_FILENAME
+    self._records: list[dict[str, float]] = []
     self._summary_writer = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.exists(self.metrics_path):
-      # Rewriting also drops a line cut short by a kill, so new records start on a fresh line.
-      records = read_metrics(self.metrics_path)
-      _write_records(self.metrics_path, [
-          r for r in records if resume_step is None or r["step"] <= resume_step])
+    workdir.mkdir(parents=True, exist_ok=True)
+    if self.metrics_path.exists():
+      self._records = [r for r in read_metrics(self.metrics_path)
+                       if resume_step is None or r["step"] <= resume_step]
+      self._write_records()
     purge_step = None if resume_step is None else resume_step + 1
     # tensorboardX writes from a background thread: flush() reaches the disk only for events
     # that thread has taken; flush_secs bounds how long the rest wait.
     self._summary_writer = tensorboardX.SummaryWriter(
-        os.path.join(workdir, "tensorboard"), purge_step=purge_step, flush_secs=10)
+        os.fspath(workdir / "tensorboard"), purge_step=purge_step, flush_secs=10)
+
+  def _write_records(self) -> None:
+    paths.write_atomically(self.metrics_path,
+                           "".join(json.dumps(record) + "\n" for record in self._records))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     """Logs `metrics` (Python, NumPy or JAX scalars) at `step`."""
     if not self.enabled:
       return
     scalars = {name: float(value) for name, value in metrics.items()}
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._records.append({"step": int(step), **scalars})
+    try:
+      self._write_records()
+    except BaseException:
+      self._records.pop()  # not written: a retry at the next write must not duplicate it
+      raise
     for name, value in scalars.items():
       self._summary_writer.add_scalar(name, value, global_step=int(step))
     self._summary_writer.flush()
 
-  def plot(self) -> str | None:
+  def plot(self) -> epath.Path | None:
     """Saves loss and accuracy curves to {workdir}/curves.png; None if there is nothing."""
-    if not self.enabled or not os.path.exists(self.metrics_path):
+    if not self.enabled or not self._records:
       return None
-    records = read_metrics(self.metrics_path)
+    records = self._records
     fig = Figure(figsize=(12, 4.5))  # Not pyplot: no display and no global figure state.
     for ax, (title, yscale, keys) in zip(fig.subplots(1, len(CURVE_PANELS)), CURVE_PANELS):
       for key in keys:
@@ -107,7 +147,9 @@ class MetricsWriter:
       if ax.lines:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(self.curves_path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    paths.write_atomically(self.curves_path, image.getvalue())
     return self.curves_path
 
   def close(self) -> None:

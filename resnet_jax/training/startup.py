@@ -22,6 +22,7 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 
 from resnet_jax import malloc_tuning
+from resnet_jax.storage import paths
 
 _IMPORTED_AT = time.time()
 
@@ -46,19 +47,22 @@ def program_name(fun_name: str) -> str:
 
 
 def use_compilation_cache(directory: str) -> None:
-  """Reads and writes compiled programs in `directory`; "" turns the cache off.
+  """Reads and writes compiled programs in `directory` (local or a bucket); "" turns it off.
 
   Caches every program, however quick to compile (JAX's default skips those under a
   second, which is most of a small run's startup). Takes effect for compilations after
   the call, also when an earlier one in this process used another directory.
   """
-  if directory:
-    directory = os.path.abspath(os.path.expanduser(directory))
-    if os.path.exists(directory) and not os.path.isdir(directory):
+  if directory and paths.is_bucket(directory):  # shared by every host of a pod
+    paths.check_bucket(paths.resolve(directory), "config.compilation_cache_dir", writable=True)
+  elif directory:
+    path = paths.resolve(directory)
+    directory = os.fspath(path)
+    if path.exists() and not path.is_dir():
       raise ValueError(f"config.compilation_cache_dir={directory} is a file, not a directory; "
                        "choose another path or set it to '' to turn the cache off")
     try:
-      os.makedirs(directory, mode=0o700, exist_ok=True)
+      path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
       raise ValueError(f"cannot create config.compilation_cache_dir={directory}: "
                        f"{e.strerror}; choose another path or set it to '' to turn the cache "
