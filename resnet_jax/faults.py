@@ -26,7 +26,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from resnet_jax.storage import emulator, paths
 from resnet_jax.storage.file_lock import file_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,8 +71,9 @@ class Outcome:
 class Runs:
   """Where the fault runs live, the digits they train on, and the uninterrupted references."""
 
-  def __init__(self, workdir: str, data_dir: str):
+  def __init__(self, workdir: str, data_dir: str, bucket: str = ""):
     self.workdir, self.data_dir = workdir, data_dir
+    self.bucket = bucket  # gs://BUCKET of a reachable (emulated) bucket, for the bucket rows
     self._references: dict[int, list[subprocess.CompletedProcess]] = {}  # by processes
 
   def command(self, workdir: str, *overrides: str, short_run: bool = True) -> list[str]:
@@ -89,7 +90,7 @@ class Runs:
     if processes == 1:
       return [subprocess.Popen(self.command(workdir, *overrides), env=cpu_env(1),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    cluster = (f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={processes}")
+    cluster = (f"--coordinator_address=127.0.0.1:{emulator.free_port()}", f"--num_processes={processes}")
     return [subprocess.Popen(
         self.command(workdir, *MULTIPROCESS_RUN, *cluster, f"--process_id={i}", *overrides),
         env=cpu_env(DEVICES_PER_PROCESS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -97,6 +98,12 @@ class Runs:
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, name)
+
+  def bucket_path(self, name: str) -> str:
+    """gs://BUCKET/faults/<this harness's folder>/NAME: runs of several harnesses never meet."""
+    if not self.bucket:
+      raise RuntimeError("this row needs a bucket: Runs(..., bucket='gs://...')")
+    return f"{self.bucket}/faults/{os.path.basename(self.workdir)}/{name}"
 
   def reference(self, processes: int = 1) -> tuple[str, list[subprocess.CompletedProcess]]:
     """The uninterrupted short run, or the multi-process run from its checkpoint at step 10:
@@ -147,12 +154,6 @@ def cpu_env(devices: int) -> dict[str, str]:
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def finish(processes: Sequence[subprocess.Popen], timeout: float = 600
            ) -> list[subprocess.CompletedProcess]:
   """Waits for every process; their exit codes and outputs. Kills those left on a timeout."""
@@ -178,14 +179,16 @@ def trees_equal(a, b) -> bool:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  directory = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
-      directory) else []
+  """The steps of the finished checkpoints in `workdir` (local or in a bucket)."""
+  import orbax.checkpoint as ocp
+  directory = paths.resolve(workdir) / "checkpoints"
+  return sorted(int(c.name) for c in directory.iterdir() if c.name.isdigit()
+                and ocp.path.step.is_path_finalized(c)) if directory.is_dir() else []
 
 
 def logged_train_steps(workdir: str) -> list[int]:
   from resnet_jax.training import reporting
-  return [int(r["step"]) for r in reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  return [int(r["step"]) for r in reporting.read_metrics(paths.resolve(workdir) / "metrics.jsonl")
           if "train/loss" in r]
 
 
@@ -214,9 +217,9 @@ def _wait_for_step(workdir: str, after: int, process: subprocess.Popen,
                    timeout: float = 300) -> None:
   """Blocks until metrics.jsonl logs a step past `after` (or the process ended)."""
   from resnet_jax.training import reporting
-  metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + timeout
+  metrics, deadline = paths.resolve(workdir) / "metrics.jsonl", time.time() + timeout
   while time.time() < deadline and process.poll() is None:
-    if os.path.exists(metrics) and any(
+    if metrics.exists() and any(
         r.get("step", 0) > after for r in reporting.read_metrics(metrics)):
       return
     time.sleep(0.02)
@@ -264,16 +267,17 @@ def kill_9_three_times(runs: Runs) -> tuple[str, bool]:
 
 
 def damaged_checkpoint(runs: Runs) -> tuple[str, bool]:
+  """The short run's workdir with each file of its last checkpoint cut to half, restarted."""
   workdir = runs.path("damaged")
   shutil.copytree(runs.reference()[0], workdir)
   latest = checkpoint_steps(workdir)[-1]
-  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(latest))):
-    for name in files:
-      with open(os.path.join(root, name), "r+b") as f:
-        f.truncate(max(os.path.getsize(f.name) // 2, 1))
+  for entry in paths.list_tree(paths.resolve(workdir) / "checkpoints" / str(latest)):
+    if not entry.is_dir and "commit_success" not in entry.path:
+      file = paths.resolve(entry.path)
+      file.write_bytes(file.read_bytes()[:max(entry.size // 2, 1)])
   result = runs.train(workdir)
-  aside = os.listdir(os.path.join(workdir, "checkpoints_damaged")) if os.path.isdir(
-      os.path.join(workdir, "checkpoints_damaged")) else []
+  aside_dir = paths.resolve(workdir) / "checkpoints_damaged"
+  aside = sorted(c.name for c in aside_dir.iterdir()) if aside_dir.is_dir() else []
   warned = f"checkpoints/{latest} is damaged" in result.stderr
   resumed = re.search(r"Resuming from the checkpoint at step (\d+)", result.stdout)
   equal = result.returncode == 0 and runs.equals_reference(workdir)
@@ -515,6 +519,28 @@ def one_process_to_two(runs: Runs, parallelism: str) -> tuple[str, bool]:
               and logged == MULTIPROCESS_LOGS)
 
 
+def predict_and_export_from_a_bucket(runs: Runs) -> tuple[str, bool]:
+  """predict and export (to the bucket) from the checkpoint of a short run in the bucket."""
+  from PIL import Image
+  workdir, image = runs.bucket_path("to_predict"), runs.path("digit.png")
+  trained = runs.train(workdir, "--config.num_train_steps=10")
+  if trained.returncode != 0:
+    return _failure([trained]), False
+  Image.fromarray(np.full((8, 8), 128, np.uint8)).save(image)
+  tool = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=REPO,  # noqa: E731
+                                      env=cpu_env(1), capture_output=True, text=True, timeout=600)
+  predicted = tool("resnet_jax.predict", "--checkpoint", workdir, "--top_k", "3", image)
+  out = f"{workdir}/exported/model.jax"
+  exported = tool("resnet_jax.export", "--checkpoint", workdir, "--out", out,
+                  "--platforms", "cpu")
+  ranked = re.findall(r"^\s+\d\. ", predicted.stdout, flags=re.MULTILINE)
+  written = paths.resolve(out).is_file() and paths.resolve(out + ".json").is_file()
+  return (f"predict: exit {predicted.returncode}, {len(ranked)} classes ranked; export: exit "
+          f"{exported.returncode}, program and description in the bucket: {written}"), (
+              predicted.returncode == 0 and len(ranked) == 3 and exported.returncode == 0
+              and written)
+
+
 FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
     "SIGTERM mid-run": ("exit 0, checkpoint at the stop step, restart bitwise equal", sigterm),
     "SIGTERM to one of 2 processes": (
@@ -549,6 +575,8 @@ FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
         functools.partial(one_process_to_two, parallelism="pmap")),
     "checkpoint of 2 processes (jit) resumed by 1": (
         "resumes at its step, finishes, no duplicated logs", two_processes_to_one),
+    "bucket: predict and export from its checkpoint": (
+        "predict ranks the classes, export writes into the bucket", predict_and_export_from_a_bucket),
 }
 
 
@@ -586,12 +614,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   from resnet_jax import data
   data_dir = os.path.join(workdir, "tensorflow_datasets")
   data.get_dataset_info("digits", data_dir)
-  runs = Runs(workdir, data_dir)
-  start, outcomes = time.perf_counter(), []
-  for name in names:
-    outcomes.append(run_fault(name, runs))
-    print(f"{'pass' if outcomes[-1].passed else 'FAIL'} ({outcomes[-1].seconds:.0f} s): {name}: "
-          f"{outcomes[-1].happened}", flush=True)
+  with emulator.LocalBucket() as bucket:  # the bucket rows' gs://; this process's and its runs'
+    emulator.use(bucket)
+    runs = Runs(workdir, data_dir, bucket.url)
+    start, outcomes = time.perf_counter(), []
+    for name in names:
+      outcomes.append(run_fault(name, runs))
+      print(f"{'pass' if outcomes[-1].passed else 'FAIL'} ({outcomes[-1].seconds:.0f} s): "
+            f"{name}: {outcomes[-1].happened}", flush=True)
   print(f"\n{table(outcomes)}\n\n{sum(o.passed for o in outcomes)} of {len(outcomes)} passed "
         f"in {time.perf_counter() - start:.0f} s (runs in {workdir})")
   sys.exit(0 if all(o.passed for o in outcomes) else 1)

@@ -19,10 +19,10 @@ def config(digits_data_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, digits_data_dir):
+def runs(tmp_path_factory, digits_data_dir, local_bucket):
   """The fault runs, sharing their uninterrupted reference runs (across pytest workers too:
-  the first to need one trains it)."""
-  return faults.Runs(shared_dir(tmp_path_factory, "faults"), digits_data_dir)
+  the first to need one trains it); the bucket rows use this worker's local bucket."""
+  return faults.Runs(shared_dir(tmp_path_factory, "faults"), digits_data_dir, local_bucket.url)
 
 
 # Every row of the table runs here, in two classes that pytest-xdist (--dist loadscope) gives

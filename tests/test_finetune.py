@@ -29,7 +29,7 @@ def without_head(variables):
 def test_a_checkpoint_records_its_model_and_loads_from_workdir_or_step(trained_folder_run):
   workdir, _, _ = trained_folder_run
   weights = pretrained.load(workdir)
-  assert weights.path == os.path.join(workdir, "checkpoints", "4")
+  assert os.fspath(weights.path) == os.path.join(workdir, "checkpoints", "4")
   assert weights.info.model == "resnet8" and weights.info.num_classes == 5
   assert weights.info.class_names == tuple(f"digit_{d}" for d in range(5))
   assert weights.info.in_channels == 3 and weights.info.image_size == 8  # folders are RGB

@@ -75,7 +75,7 @@ def test_plot_writes_a_png(tmp_path):
   writer.write(3, {"eval/loss": 0.5, "eval/accuracy": 0.8, "eval/top5_accuracy": 0.95})
   path = writer.plot()
   writer.close()
-  assert path == str(tmp_path / "curves.png")
+  assert os.fspath(path) == str(tmp_path / "curves.png")
   with open(path, "rb") as f:
     assert f.read(8) == PNG_SIGNATURE
 

@@ -151,3 +151,18 @@ def list_tree(directory: epath.Path) -> list[Entry]:
                        str(info.get("generation") or info.get("mtime") or ""))
                  for name, info in found.items() if name.rstrip("/") != root.rstrip("/")),
                 key=lambda e: e.path)
+
+
+def move_tree(source: epath.Path, target: epath.Path) -> None:
+  """Moves the folder `source` to `target` (whose parent must exist, if local).
+
+  Locally one rename. A bucket has no folders to rename: every object is copied, then the
+  originals are deleted; cut short, it leaves the source whole (and perhaps a partial copy).
+  """
+  if not is_bucket(source):
+    source.rename(target)
+    return
+  import fsspec
+  fs, _ = fsspec.core.url_to_fs(os.fspath(source))
+  fs.copy(os.fspath(source), os.fspath(target), recursive=True)
+  fs.rm(os.fspath(source), recursive=True)

@@ -83,8 +83,7 @@ def _stored_state_mismatches(step_dir: epath.Path, target: dict[str, Any]) -> li
 def move_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
   """Moves a damaged checkpoint to checkpoints_damaged/ (never deletes it); returns where.
 
-  In a bucket the move copies every object, then deletes the originals: cut short, it leaves
-  the checkpoint where it was (and perhaps a partial copy), to be moved again at the next start.
+  In a bucket the move copies every object, then deletes the originals (`paths.move_tree`).
   """
   source = manager.directory / str(step)
   aside_dir = manager.directory.parent / "checkpoints_damaged"
@@ -94,7 +93,7 @@ def move_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     target, suffix = aside_dir / f"{step}.{suffix}", suffix + 1
   if jax.process_index() == 0:
     aside_dir.mkdir(parents=True, exist_ok=True)
-    source.rename(target)
+    paths.move_tree(source, target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
   manager.reload()
