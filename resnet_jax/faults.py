@@ -90,7 +90,8 @@ class Runs:
     if processes == 1:
       return [subprocess.Popen(self.command(workdir, *overrides), env=cpu_env(1),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    cluster = (f"--coordinator_address=127.0.0.1:{emulator.free_port()}", f"--num_processes={processes}")
+    cluster = (f"--coordinator_address=127.0.0.1:{emulator.free_port()}",
+               f"--num_processes={processes}")
     return [subprocess.Popen(
         self.command(workdir, *MULTIPROCESS_RUN, *cluster, f"--process_id={i}", *overrides),
         env=cpu_env(DEVICES_PER_PROCESS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -180,10 +181,9 @@ def trees_equal(a, b) -> bool:
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """The steps of the finished checkpoints in `workdir` (local or in a bucket)."""
-  import orbax.checkpoint as ocp
+  from resnet_jax import pretrained
   directory = paths.resolve(workdir) / "checkpoints"
-  return sorted(int(c.name) for c in directory.iterdir() if c.name.isdigit()
-                and ocp.path.step.is_path_finalized(c)) if directory.is_dir() else []
+  return pretrained.finished_steps(directory) if directory.is_dir() else []
 
 
 def logged_train_steps(workdir: str) -> list[int]:
@@ -272,7 +272,7 @@ def damaged_checkpoint(runs: Runs) -> tuple[str, bool]:
   shutil.copytree(runs.reference()[0], workdir)
   latest = checkpoint_steps(workdir)[-1]
   for entry in paths.list_tree(paths.resolve(workdir) / "checkpoints" / str(latest)):
-    if not entry.is_dir and "commit_success" not in entry.path:
+    if not entry.is_dir:
       file = paths.resolve(entry.path)
       file.write_bytes(file.read_bytes()[:max(entry.size // 2, 1)])
   result = runs.train(workdir)
@@ -576,7 +576,8 @@ FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
     "checkpoint of 2 processes (jit) resumed by 1": (
         "resumes at its step, finishes, no duplicated logs", two_processes_to_one),
     "bucket: predict and export from its checkpoint": (
-        "predict ranks the classes, export writes into the bucket", predict_and_export_from_a_bucket),
+        "predict ranks the classes, export writes into the bucket",
+        predict_and_export_from_a_bucket),
 }
 
 

@@ -104,14 +104,20 @@ def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
   if not _is_checkpoint(path):
-    steps = sorted(int(child.name) for child in path.iterdir()
-                   if child.name.isdigit() and _is_checkpoint(child)
-                   and ocp.path.step.is_path_finalized(child))
+    steps = finished_steps(path)
     if not steps:
       raise ValueError(f"{path} holds no checkpoint (expected a train.py workdir, one of its "
                        "checkpoints, or the output of resnet_jax.convert)")
     path = path / str(steps[-1])
   return path
+
+
+def finished_steps(directory: epath.Path) -> list[int]:
+  """The steps of the checkpoints in `directory` (a workdir's checkpoints/) that orbax
+  finished writing, in order."""
+  return sorted(int(child.name) for child in directory.iterdir()
+                if child.name.isdigit() and _is_checkpoint(child)
+                and ocp.path.step.is_path_finalized(child))
 
 
 def _is_checkpoint(path: epath.Path) -> bool:
