@@ -6,11 +6,20 @@ module such as `resnet_jax.malloc_tuning` does not import JAX and Flax.
 Bucket paths (gs://, s3://) go through fsspec, the backend the tests run against a local
 emulator, unless the user set EPATH_USE_TF (see `resnet_jax.storage.paths`). etils reads the
 variable once, at its first path operation, so it is set here, before anything uses a path.
+
+fsspec's bucket filesystems cache directory listings, one cache per thread (and per host), so
+a listing could still show a checkpoint that another thread or host has since moved or
+written: orbax, which saves from worker threads, then fails to delete a folder that is gone.
+The cache is switched off for gs:// and s3:// (a value the user configured wins).
 """
 
 import os
 
+import fsspec.config
+
 os.environ.setdefault("EPATH_USE_TF", "false")
+for _protocol in ("gcs", "s3"):
+  fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 __all__ = ["ResNet", "create_model", "list_models"]
 

@@ -71,9 +71,9 @@ class Outcome:
 class Runs:
   """Where the fault runs live, the digits they train on, and the uninterrupted references."""
 
-  def __init__(self, workdir: str, data_dir: str, bucket: str = ""):
+  def __init__(self, workdir: str, data_dir: str, bucket: emulator.LocalBucket | None = None):
     self.workdir, self.data_dir = workdir, data_dir
-    self.bucket = bucket  # gs://BUCKET of a reachable (emulated) bucket, for the bucket rows
+    self.bucket = bucket  # for the bucket rows: started, with this process pointed at it
     self._references: dict[int, list[subprocess.CompletedProcess]] = {}  # by processes
 
   def command(self, workdir: str, *overrides: str, short_run: bool = True) -> list[str]:
@@ -85,8 +85,13 @@ class Runs:
     return subprocess.run(self.command(workdir, *overrides, short_run=short_run),
                           env=cpu_env(1), capture_output=True, text=True, timeout=timeout)
 
-  def start(self, workdir: str, *overrides: str, processes: int = 1) -> list[subprocess.Popen]:
-    """The short run (1 CPU device), or with several processes the multi-process run."""
+  def start(self, workdir: str, *overrides: str, processes: int = 1,
+            hosts_dir: str = "") -> list[subprocess.Popen]:
+    """The short run (1 CPU device), or with several processes the multi-process run.
+
+    With `hosts_dir`, each process has its own HOME, TMPDIR and (empty) compilation cache
+    in hosts_dir/<process>, as on hosts of a pod that share nothing but the bucket.
+    """
     if processes == 1:
       return [subprocess.Popen(self.command(workdir, *overrides), env=cpu_env(1),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
@@ -94,17 +99,18 @@ class Runs:
                f"--num_processes={processes}")
     return [subprocess.Popen(
         self.command(workdir, *MULTIPROCESS_RUN, *cluster, f"--process_id={i}", *overrides),
-        env=cpu_env(DEVICES_PER_PROCESS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for i in range(processes)]
+        env={**cpu_env(DEVICES_PER_PROCESS),
+             **(own_local_state(os.path.join(hosts_dir, str(i))) if hosts_dir else {})},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, name)
 
   def bucket_path(self, name: str) -> str:
     """gs://BUCKET/faults/<this harness's folder>/NAME: runs of several harnesses never meet."""
-    if not self.bucket:
-      raise RuntimeError("this row needs a bucket: Runs(..., bucket='gs://...')")
-    return f"{self.bucket}/faults/{os.path.basename(self.workdir)}/{name}"
+    if self.bucket is None:
+      raise RuntimeError("this row needs a bucket: Runs(..., bucket=emulator.LocalBucket(...))")
+    return f"{self.bucket.url}/faults/{os.path.basename(self.workdir)}/{name}"
 
   def reference(self, processes: int = 1) -> tuple[str, list[subprocess.CompletedProcess]]:
     """The uninterrupted short run, or the multi-process run from its checkpoint at step 10:
@@ -137,16 +143,34 @@ class Runs:
     return trees_equal(final_variables(workdir), final_variables(self.reference(processes)[0]))
 
   def reference_until(self, workdir: str, step: int, processes: int = 1) -> str:
-    """A copy of the reference run as if it had stopped after `step` (a checkpoint step)."""
+    """A copy of the reference run (local or into a bucket) as if it had stopped after
+    `step` (a checkpoint step)."""
     from resnet_jax.training import reporting
-    shutil.copytree(self.reference(processes)[0], workdir)
+    copy_tree(self.reference(processes)[0], workdir)
     for later in (s for s in checkpoint_steps(workdir) if s > step):
-      shutil.rmtree(os.path.join(workdir, "checkpoints", str(later)))
-    metrics = os.path.join(workdir, "metrics.jsonl")
+      (paths.resolve(workdir) / "checkpoints" / str(later)).rmtree()
+    metrics = paths.resolve(workdir) / "metrics.jsonl"
     records = [r for r in reporting.read_metrics(metrics) if r["step"] <= step]
-    with open(metrics, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in records)
+    paths.write_atomically(metrics, "".join(json.dumps(r) + "\n" for r in records))
     return workdir
+
+
+def copy_tree(source: str, target: str) -> None:
+  """Copies the local folder `source` to `target` (a new local folder, or a bucket path)."""
+  if not paths.is_bucket(target):
+    shutil.copytree(source, target)
+    return
+  import fsspec
+  fs, root = fsspec.core.url_to_fs(target)
+  fs.put(source.rstrip("/") + "/", root, recursive=True)
+
+
+def own_local_state(root: str) -> dict[str, str]:
+  """Environment variables that give a process its own HOME, TMPDIR and compilation cache."""
+  state = {"HOME": "home", "TMPDIR": "tmp", "JAX_COMPILATION_CACHE_DIR": "xla_cache"}
+  for folder in state.values():
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+  return {name: os.path.join(root, folder) for name, folder in state.items()}
 
 
 def cpu_env(devices: int) -> dict[str, str]:
@@ -225,6 +249,13 @@ def _wait_for_step(workdir: str, after: int, process: subprocess.Popen,
     time.sleep(0.02)
 
 
+def _stopped_at(result: subprocess.CompletedProcess) -> int | None:
+  """The step a run reported stopping after on a signal, or None."""
+  found = re.search(r"Stopped by (SIGTERM|another process|a preemption notice \(SIGTERM\)) "
+                    r"after step (\d+)", result.stdout)
+  return int(found.group(2)) if found else None
+
+
 def sigterm(runs: Runs, processes: int = 1) -> tuple[str, bool]:
   """SIGTERM to the last process once it trains, then the same command again."""
   workdir, first_step = runs.path(f"sigterm_{processes}"), 0
@@ -235,11 +266,10 @@ def sigterm(runs: Runs, processes: int = 1) -> tuple[str, bool]:
   _wait_for_step(workdir, first_step, started[0])
   started[-1].send_signal(signal.SIGTERM)
   stopped = finish(started)
-  at_step = re.search(r"Stopped by (SIGTERM|another process|a preemption notice \(SIGTERM\)) "
-                      r"after step (\d+)", stopped[0].stdout)
-  if any(r.returncode != 0 for r in stopped) or not at_step:
+  step = _stopped_at(stopped[0])
+  if any(r.returncode != 0 for r in stopped) or step is None:
     return _failure(stopped), False
-  step, saved = int(at_step.group(2)), checkpoint_steps(workdir)
+  saved = checkpoint_steps(workdir)
   resumed = finish(runs.start(workdir, processes=processes))
   agree = len(set(final_evals(resumed))) == 1 and all(final_evals(resumed))
   equal = all(r.returncode == 0 for r in resumed) and runs.equals_reference(workdir, processes)
@@ -248,8 +278,36 @@ def sigterm(runs: Runs, processes: int = 1) -> tuple[str, bool]:
               max(saved) == step and agree and equal)
 
 
-def kill_9_three_times(runs: Runs) -> tuple[str, bool]:
-  workdir, rng, kills = runs.path("kill9"), random.Random(0), []
+def sigterm_to_hosts_sharing_a_bucket(runs: Runs) -> tuple[str, bool]:
+  """2 processes with disjoint local state continue the reference from step 10 in the bucket;
+  SIGTERM to the last. The restart is 1 process on 1 device; float32 sums differ between
+  layouts, so the uninterrupted run it must equal has the same layouts: 2 processes that
+  end at the stop step as planned (locally), then 1 process."""
+  workdir = runs.reference_until(runs.bucket_path("sigterm_hosts"), HALF)
+  started = runs.start(workdir, processes=2, hosts_dir=runs.path("sigterm_hosts"))
+  _wait_for_step(workdir, HALF, started[0])
+  started[-1].send_signal(signal.SIGTERM)
+  stopped = finish(started)
+  step = _stopped_at(stopped[0])
+  if any(r.returncode != 0 for r in stopped) or step is None:
+    return _failure(stopped), False
+  saved = checkpoint_steps(workdir)
+  uninterrupted = runs.reference_until(runs.path("sigterm_hosts_uninterrupted"), HALF)
+  planned = finish(runs.start(uninterrupted, f"--config.num_train_steps={step}", processes=2))
+  if any(r.returncode != 0 for r in planned):
+    return f"the uninterrupted 2-process run failed: {_failure(planned)}", False
+  restarted, continued = (runs.train(w, *MULTIPROCESS_RUN) for w in (workdir, uninterrupted))
+  resumed = f"Resuming from the checkpoint at step {step} in {workdir}" in restarted.stdout
+  equal = (restarted.returncode == 0 and continued.returncode == 0 and resumed and trees_equal(
+      final_variables(workdir), final_variables(uninterrupted)))
+  return (f"exit 0 ×2 at step {step}, checkpoints in the bucket {saved}; restart as 1 process "
+          f"from step {step}: {'bitwise equal' if equal else 'DIFFERS'}"), (
+              max(saved) == step and equal)
+
+
+def kill_9_three_times(runs: Runs, in_bucket: bool = False) -> tuple[str, bool]:
+  workdir = runs.bucket_path("kill9") if in_bucket else runs.path("kill9")
+  rng, kills = random.Random(0), []
   more_checkpoints = "--config.checkpoint_every_steps=5"  # more moments to be killed mid-save
   for _ in range(3):
     process = subprocess.Popen(runs.command(workdir, more_checkpoints), env=cpu_env(1),
@@ -266,10 +324,10 @@ def kill_9_three_times(runs: Runs) -> tuple[str, bool]:
           f"final run {'bitwise equal' if equal else 'DIFFERS'}"), equal
 
 
-def damaged_checkpoint(runs: Runs) -> tuple[str, bool]:
+def damaged_checkpoint(runs: Runs, in_bucket: bool = False) -> tuple[str, bool]:
   """The short run's workdir with each file of its last checkpoint cut to half, restarted."""
-  workdir = runs.path("damaged")
-  shutil.copytree(runs.reference()[0], workdir)
+  workdir = runs.bucket_path("damaged") if in_bucket else runs.path("damaged")
+  copy_tree(runs.reference()[0], workdir)
   latest = checkpoint_steps(workdir)[-1]
   for entry in paths.list_tree(paths.resolve(workdir) / "checkpoints" / str(latest)):
     if not entry.is_dir:
@@ -285,6 +343,40 @@ def damaged_checkpoint(runs: Runs) -> tuple[str, bool]:
           f"{resumed.group(1) if resumed else 'nothing'}, final "
           f"{'bitwise equal' if equal else 'DIFFERS'}"), (
               warned and aside == [str(latest)] and bool(resumed) and equal)
+
+
+def bucket_goes_away(runs: Runs) -> tuple[str, bool]:
+  """A run in the bucket that logs every step, at batch 128 (slow enough for the outage to
+  land between its checkpoints); the storage server is stopped once the checkpoint at step 10
+  is committed, so the next metrics write fails, and started again (its objects kept on disk)
+  once the run has ended. Then the same command again, against the same run uninterrupted."""
+  workdir = runs.bucket_path("goes_away")
+  overrides = ("--config.num_train_steps=30", "--config.batch_size=128",
+               "--config.log_every_steps=1")
+  process = runs.start(workdir, *overrides)[0]
+  deadline = time.time() + 300
+  while HALF not in checkpoint_steps(workdir) and process.poll() is None and (
+      time.time() < deadline):
+    time.sleep(0.2)  # the emulator answers one request at a time: leave it to the run
+  runs.bucket.stop()
+  try:
+    failed = finish([process])[0]
+  finally:
+    runs.bucket.start()
+  committed = checkpoint_steps(workdir)
+  restarted = runs.train(workdir, *overrides)
+  resumed = re.search(r"Resuming from the checkpoint at step (\d+)", restarted.stdout)
+  uninterrupted = runs.train(runs.path("goes_away_uninterrupted"), *overrides)
+  equal = restarted.returncode == 0 and uninterrupted.returncode == 0 and trees_equal(
+      final_variables(workdir), final_variables(runs.path("goes_away_uninterrupted")))
+  # gcsfs and orbax log the failures they retried or passed on (tracebacks included) before
+  # the run reports the error; what must not appear is an exception that escaped train.py.
+  shown, one_line = _one_error_line(failed, r"^error: could not write ", library_logs=True)
+  return (f"{shortened(shown, 110)}; committed {committed}; back: resumed from "
+          f"{resumed.group(1) if resumed else 'nothing'}, final "
+          f"{'bitwise equal' if equal else 'DIFFERS'}"), (
+              one_line and bool(committed) and bool(resumed)
+              and int(resumed.group(1)) == committed[-1] and equal)
 
 
 def nan_stop(runs: Runs) -> tuple[str, bool]:
@@ -316,10 +408,14 @@ def nan_skip(runs: Runs) -> tuple[str, bool]:
               and checkpoint_steps(workdir)[-1] == STEPS)
 
 
-def _one_error_line(result: subprocess.CompletedProcess, pattern: str) -> tuple[str, bool]:
+def _one_error_line(result: subprocess.CompletedProcess, pattern: str,
+                    library_logs: bool = False) -> tuple[str, bool]:
+  """Whether the run failed with one error line matching `pattern` as its last line, and no
+  traceback (with `library_logs`: none through train.py, libraries may log their own)."""
   line = last_line(result.stderr)
-  ok = (result.returncode != 0 and "Traceback" not in result.stderr
-        and re.search(pattern, line) is not None)
+  escaped = f'File "{TRAIN_PY}"' in result.stderr if library_logs else (
+      "Traceback" in result.stderr)
+  ok = result.returncode != 0 and not escaped and re.search(pattern, line) is not None
   return f"exit {result.returncode}: {line}", ok
 
 
@@ -575,6 +671,18 @@ FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
         functools.partial(one_process_to_two, parallelism="pmap")),
     "checkpoint of 2 processes (jit) resumed by 1": (
         "resumes at its step, finishes, no duplicated logs", two_processes_to_one),
+    "bucket: SIGTERM to one of 2 processes that share only the bucket": (
+        "both stop at the same step, exit 0, one checkpoint there; restart as 1 process "
+        "bitwise equal to an uninterrupted run (2 processes to that step, then 1)",
+        sigterm_to_hosts_sharing_a_bucket),
+    "bucket: storage server stopped mid-run": (
+        "one error line, committed checkpoints intact; with it back, resumes from the last "
+        "one, bitwise equal", bucket_goes_away),
+    "bucket: latest checkpoint truncated": (
+        "warning naming it, moved aside in the bucket, resumes from the previous one, bitwise "
+        "equal", functools.partial(damaged_checkpoint, in_bucket=True)),
+    "bucket: kill -9 three times at random moments": (
+        "restart bitwise equal", functools.partial(kill_9_three_times, in_bucket=True)),
     "bucket: predict and export from its checkpoint": (
         "predict ranks the classes, export writes into the bucket",
         predict_and_export_from_a_bucket),
@@ -615,9 +723,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   from resnet_jax import data
   data_dir = os.path.join(workdir, "tensorflow_datasets")
   data.get_dataset_info("digits", data_dir)
-  with emulator.LocalBucket() as bucket:  # the bucket rows' gs://; this process's and its runs'
+  # The bucket rows' gs://, for this process and its runs; on disk, as one row restarts it.
+  with emulator.LocalBucket(data_dir=os.path.join(workdir, "bucket")) as bucket:
     emulator.use(bucket)
-    runs = Runs(workdir, data_dir, bucket.url)
+    runs = Runs(workdir, data_dir, bucket)
     start, outcomes = time.perf_counter(), []
     for name in names:
       outcomes.append(run_fault(name, runs))

@@ -27,10 +27,11 @@ def digits_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def local_bucket(tmp_path_factory: pytest.TempPathFactory):
-  """A GCS bucket on 127.0.0.1 (the storage emulator, in memory), one per test process; this
-  process and the train.py processes it starts reach it as gs://resnet-jax-test."""
+  """A GCS bucket on 127.0.0.1 (the storage emulator), one per test process; this process and
+  the train.py processes it starts reach it as gs://resnet-jax-test. Its objects live on disk,
+  so that a fault row can stop and restart it."""
   from resnet_jax.storage import emulator
-  with emulator.LocalBucket() as bucket:
+  with emulator.LocalBucket(data_dir=str(tmp_path_factory.mktemp("bucket"))) as bucket:
     emulator.use(bucket)
     yield bucket
 

@@ -22,7 +22,7 @@ def config(digits_data_dir):
 def runs(tmp_path_factory, digits_data_dir, local_bucket):
   """The fault runs, sharing their uninterrupted reference runs (across pytest workers too:
   the first to need one trains it); the bucket rows use this worker's local bucket."""
-  return faults.Runs(shared_dir(tmp_path_factory, "faults"), digits_data_dir, local_bucket.url)
+  return faults.Runs(shared_dir(tmp_path_factory, "faults"), digits_data_dir, local_bucket)
 
 
 # Every row of the table runs here, in two classes that pytest-xdist (--dist loadscope) gives

@@ -90,7 +90,7 @@ def check_bucket(path: epath.Path, what: str, writable: bool = False) -> None:
   try:
     exists = root.exists()
   except (OSError, ValueError) as e:  # gcsfs raises HttpError (OSError) and ValueError
-    raise StorageError(f"cannot reach the bucket of {what}={path}: {_reason(e)}") from None
+    raise StorageError(f"cannot reach the bucket of {what}={path}: {error_reason(e)}") from None
   if not exists:
     raise StorageError(f"{what}={path}: the bucket {root} does not exist (or these "
                        f"credentials may not see it); create it first, e.g. `gcloud storage "
@@ -101,11 +101,23 @@ def check_bucket(path: epath.Path, what: str, writable: bool = False) -> None:
       probe.write_text("resnet_jax checks that it may write here")
       probe.unlink()
     except (OSError, ValueError) as e:
-      raise StorageError(f"{what}={path} is not writable: {_reason(e)}") from None
+      raise StorageError(f"{what}={path} is not writable: {error_reason(e)}") from None
 
 
-def _reason(error: Exception) -> str:
-  """The first line of an exception's message (storage clients write whole HTTP replies)."""
+def storage_errors() -> tuple[type[Exception], ...]:
+  """What a failed read or write of a local file or a bucket object raises: OSError (gcsfs's
+  missing objects and refused connections, s3fs's errors), or gcsfs's HttpError for an HTTP
+  status it gave up retrying. (gcsfs is imported here, on first use: it reads its settings
+  from the environment when imported.)"""
+  from gcsfs.retry import HttpError
+  return (OSError, HttpError)
+
+
+def error_reason(error: Exception) -> str:
+  """An OSError's strerror, else the exception's type and the first line of its message
+  (storage clients write whole HTTP replies), for an error line."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
   text = str(error).strip().splitlines()
   return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 

@@ -232,15 +232,40 @@ class WriteError(RuntimeError):
 
 def guarded_write(what: str, write: Callable[[], Any], config: ml_collections.ConfigDict
                   ) -> None:
-  """Runs `write`; an OSError (disk full, read-only) stops the run or, per config, warns."""
+  """Runs `write`; a storage error (disk full, read-only, a bucket out of reach) stops the
+  run or, per config, warns."""
   try:
     write()
-  except OSError as e:
-    message = f"could not write {what}: {e.strerror or e}"
+  except paths.storage_errors() as e:
+    message = f"could not write {what}: {paths.error_reason(e)}"
     if config.on_write_error == "stop":
-      raise WriteError(f"{message}. The checkpoints written before it are intact; free space or "
-                       "fix permissions, then run the same command to resume.") from e
+      raise WriteError(f"{message}. The checkpoints written before it are intact; once the "
+                       "storage takes writes again (free space, permissions, the bucket in "
+                       "reach), run the same command to resume.") from e
     logging.warning("%s; training goes on (config.on_write_error=continue)", message)
+
+
+def finish_writes(manager, writer: reporting.MetricsWriter, config: ml_collections.ConfigDict,
+                  error: BaseException | None = None) -> None:
+  """Waits for the pending checkpoint save and closes the metrics files.
+
+  When the run ends on `error`, a failed save is only logged, so that `error` is what the
+  user sees; after a WriteError the pending save is not waited for: the storage that just
+  failed would likely fail it too, and a bucket out of reach holds it in orbax's retries
+  for many minutes. The checkpoints committed before it stay intact either way.
+  """
+  try:
+    if isinstance(error, WriteError):
+      logging.warning("Not waiting for a checkpoint save in progress, if any, after the failed "
+                      "write; the checkpoints committed before it are intact.")
+    else:
+      guarded_write("the last checkpoint", manager.wait_until_finished, config)
+  except WriteError as e:
+    if error is None:
+      raise
+    logging.error("%s", e)
+  finally:
+    writer.close()
 
 
 def check_finite(history: list[dict[str, np.ndarray]], first_step: int,
@@ -411,17 +436,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
               checkpointing.save, manager, dp.get_state(state), data_position(exp, step), info,
               metrics=eval_metrics if evaluated else None), config)
         if stopping:
-          manager.wait_until_finished()
+          guarded_write(f"the checkpoint at step {step}", manager.wait_until_finished, config)
           if is_main_process:
             progress.write(
                 f"Stopped by {stop_signal.name or 'another process'} after step {step} of "
                 f"{exp.total_steps}: checkpoint saved in {workdir}; run the same command to "
                 "resume.")
-          return {}
-  finally:  # also on errors: the last good checkpoint is committed before anything exits
+          eval_metrics = {}
+          break
+  except BaseException as error:  # the last good checkpoint is committed before anything exits
     batches.close()  # stops the input pipeline now, not in the middle of interpreter exit
     progress.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    finish_writes(manager, writer, config, error)
+    raise
+  batches.close()
+  progress.close()
+  finish_writes(manager, writer, config)
+  manager.close()
   return eval_metrics

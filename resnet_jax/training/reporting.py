@@ -48,16 +48,33 @@ def metric_curve(records: list[dict[str, float]], key: str) -> tuple[list[int], 
 
 class _BucketEventsFile:
   """A TensorBoard events file in a bucket: objects cannot be appended to, so every flush
-  uploads the whole file again (an events file of scalars stays small)."""
+  uploads the whole file again (an events file of scalars stays small).
+
+  A failed upload is a warning, and the first flush after new events uploads everything
+  again: metrics.jsonl, whose failures the loop reports, holds the same scalars, and
+  tensorboardX flushes from a thread of its own, where an exception would only end that
+  thread. Flushes with nothing new do nothing (a bucket out of reach takes gcsfs ~30 s of
+  retries per attempt, and tensorboardX flushes several times as it closes).
+  """
 
   def __init__(self, path: str):
     self._path, self._buffer = paths.resolve(path), io.BytesIO()
+    self._unflushed = False
 
   def write(self, data: bytes) -> None:
     self._buffer.write(data)
+    self._unflushed = True
 
   def flush(self) -> None:
-    self._path.write_bytes(self._buffer.getvalue())
+    if not self._unflushed:
+      return
+    self._unflushed = False
+    try:
+      self._path.write_bytes(self._buffer.getvalue())
+    except paths.storage_errors() as e:
+      logging.warning("Could not upload the TensorBoard events to %s (%s); the next flush "
+                      "with new events tries again", self._path,
+                      str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
 
   def close(self) -> None:
     self.flush()
