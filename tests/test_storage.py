@@ -133,3 +133,19 @@ def test_no_run_path_goes_through_os_path_open_or_makedirs(module):
                         line)
            and "/proc/" not in line]
   assert not found, "\n".join(found)
+
+
+def test_the_checkpoint_benchmark_restores_what_it_saved_and_times_async_saves(local_bucket,
+                                                                               tmp_path):
+  from resnet_jax.bench import benchmark_config, checkpoint
+  exp = loop.setup(benchmark_config("resnet8", batch_size=8, image_size=16, dtype="float32"))
+  state = exp.data_parallel.put_state(exp.initial_state)
+  bucket_dir = f"{local_bucket.url}/checkpoint_bench"
+  result = checkpoint.save_and_restore(exp, state, bucket_dir, repeats=2, target="bucket")
+  assert result.state_mb == pytest.approx(checkpoint.state_megabytes(state))
+  assert len(result.save_s) == len(result.restore_s) == 2
+  assert pretrained.finished_steps(paths.resolve(bucket_dir) / "checkpoints") == [1, 2]
+  overhead = checkpoint.save_overhead(exp, steps=4, checkpoint_every=2,
+                                      workdir=str(tmp_path), target="local disk")
+  assert pretrained.finished_steps(paths.resolve(tmp_path) / "checkpoints") == [2, 4]
+  assert overhead.steps == 4 and overhead.checkpoint_step_s > 0 and overhead.baseline_step_s > 0

@@ -5,7 +5,8 @@ Train step: `throughput` (ours vs the plain layers and torchvision, `torch_refer
 sweep), `dry_run` (pod-scale compile for simulated devices, with `collectives` and
 `step_time`) and `startup` (first vs second start of train.py); they build their experiment
 with `training.loop.setup`, the path train.py takes, on the synthetic "fake" dataset.
-Input: `input` and `photo_folder`. Experiments: `transfer` and `degradation`.
+Input: `input` and `photo_folder`. Storage: `checkpoint` (save, restore and async-save cost,
+local disk and bucket). Experiments: `transfer` and `degradation`.
 """
 
 from __future__ import annotations
