@@ -47,13 +47,15 @@ SHORT_RUN = ("--config.model=resnet8", f"--config.num_train_steps={STEPS}",
              f"--config.eval_every_steps={STEPS}", "--config.batch_size=32",
              "--config.schedule=constant")
 # Multi-process steps are slow on 2 cores (gloo), so multi-process runs continue the 1-process
-# reference from its checkpoint at step 10 to step 16; they log and check for a stop signal
-# every 2 steps.
-MULTIPROCESS_STEPS = 16
+# reference from its checkpoint at step 10 to step 20; they log and check for a stop signal
+# every 2 steps. (A SIGTERM reaches JAX's preemption sync point a few steps after it lands:
+# the ten steps leave it room on a fast machine.)
+MULTIPROCESS_STEPS = 20
 MULTIPROCESS_RUN = (f"--config.num_train_steps={MULTIPROCESS_STEPS}", "--config.log_every_steps=2",
                     "--config.checkpoint_every_steps=5")
 MULTIPROCESS_CHECKPOINTS = [HALF, 15, MULTIPROCESS_STEPS]  # the 1-process one, then their own
-MULTIPROCESS_LOGS = [5, 10, 12, 14, 16]  # train records: the 1-process run's, then process 0's
+# Train records: the 1-process run's, then process 0's.
+MULTIPROCESS_LOGS = [5, HALF, *range(HALF + 2, MULTIPROCESS_STEPS + 1, 2)]
 DEVICES_PER_PROCESS = 4  # CPU devices of each process of a multi-process run; 1 for one process
 
 
@@ -419,6 +421,19 @@ def _one_error_line(result: subprocess.CompletedProcess, pattern: str,
   return f"exit {result.returncode}: {line}", ok
 
 
+def config_changed_on_resume(runs: Runs) -> tuple[str, bool]:
+  """The short run's finished workdir restarted with another learning rate."""
+  workdir = runs.reference_until(runs.path("config_changed"), STEPS)
+  record = paths.resolve(workdir) / "runs.jsonl"
+  before = record.read_text(), checkpoint_steps(workdir)
+  shown, ok = _one_error_line(runs.train(workdir, "--config.learning_rate=0.5"),
+                              r"^error: .* was trained with another config .*: "
+                              r"learning_rate \S+ → 0\.5\. .*allow_config_change=True")
+  untouched = (record.read_text(), checkpoint_steps(workdir)) == before
+  return f"{shortened(shown, 150)}; record and checkpoints untouched: {untouched}", (
+      ok and untouched)
+
+
 def workdir_is_a_file(runs: Runs) -> tuple[str, bool]:
   a_file = runs.path("a_file")
   with open(a_file, "w") as f:
@@ -430,8 +445,9 @@ def checkpoint_of_another_model(runs: Runs) -> tuple[str, bool]:
   """The short run's finished workdir (ResNet-8) restarted as ResNet-20."""
   workdir = runs.reference_until(runs.path("another_model"), STEPS)
   before = checkpoint_steps(workdir)
-  shown, ok = _one_error_line(
-      runs.train(workdir, "--config.model=resnet20", "--config.num_train_steps=30"),
+  shown, ok = _one_error_line(  # past the run record's guard, to the checkpoint's own check
+      runs.train(workdir, "--config.model=resnet20", "--config.num_train_steps=30",
+                 "--config.allow_config_change=True"),
       r"^error: The checkpoint .*/20 \(resnet8, 10 classes\) does not fit this config "
       r"\(resnet20, 10 classes\)")
   kept = checkpoint_steps(workdir) == before and not os.path.exists(
@@ -656,6 +672,9 @@ FAULTS: dict[str, tuple[str, Callable[[Runs], tuple[str, bool]]]] = {
     "checkpoint of another model": (
         "one error line naming both models, exit 1, no checkpoint moved or deleted",
         checkpoint_of_another_model),
+    "resumed with another learning rate": (
+        "one error line naming the key and the way on, exit 1, nothing written",
+        config_changed_on_resume),
     "--workdir is a file": ("one error line, exit 1", workdir_is_a_file),
     "--workdir not writable": ("one error line, exit 1", unwritable_workdir),
     "missing --config file": ("one error line, exit 1", missing_config_file),

@@ -121,6 +121,9 @@ def test_checkpoint_from_8_device_pmap_restores_under_jit_and_resumes_on_one_dev
              f"--config.data_dir={config.data_dir}", "--config.parallelism=jit",
              f"--config.model={config.model}", "--config.batch_size=32",
              "--config.num_train_steps=4", "--config.schedule=constant",
+             f"--config.learning_rate={config.learning_rate}",  # the run's, not digits.py's
+             f"--config.warmup_epochs={config.warmup_epochs}",
+             f"--config.weight_decay={config.weight_decay}",
              "--config.log_every_steps=2", "--config.progress_bar=False"]
   result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -137,6 +137,11 @@ def save_overhead(exp: loop.Experiment, steps: int, checkpoint_every: int, workd
                         statistics.median(others))
 
 
+def _spread(seconds: list[float]) -> str:
+  """median [min–max]"""
+  return f"{statistics.median(seconds):.2f} [{min(seconds):.2f}–{max(seconds):.2f}]"
+
+
 def format_results(save_restore: Sequence[SaveRestoreResult],
                    overheads: Sequence[OverheadResult]) -> str:
   lines = []
@@ -144,9 +149,8 @@ def format_results(save_restore: Sequence[SaveRestoreResult],
     lines.append(f"{'target':<11} {'state MB':>8} {'save call s':>11} {'save s':>12} "
                  f"{'restore s':>12}   (median [min–max] of the repeats)")
     for r in save_restore:
-      spread = lambda xs: f"{statistics.median(xs):.2f} [{min(xs):.2f}–{max(xs):.2f}]"  # noqa: E731
       lines.append(f"{r.target:<11} {r.state_mb:>8.1f} {statistics.median(r.save_call_s):>11.2f} "
-                   f"{spread(r.save_s):>12} {spread(r.restore_s):>12}")
+                   f"{_spread(r.save_s):>12} {_spread(r.restore_s):>12}")
   for o in overheads:
     lines.append(f"{o.target}: a save every {o.checkpoint_every} of {o.steps} steps: mean step "
                  f"{o.checkpointed_step_s * 1e3:.1f} ms against {o.baseline_step_s * 1e3:.1f} ms "

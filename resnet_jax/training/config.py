@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.linear_probe_dataset = ""  # a dataset name: few-shot linear probes at every evaluation.
   c.linear_probe_shots = (1, 5, 10, 25)  # training examples per class for those probes.
+  # Resume even though keys that change the result differ from the workdir's record
+  # (runs.jsonl; see training/run_record.py); the change is recorded.
+  c.allow_config_change = False
   return c
 
 

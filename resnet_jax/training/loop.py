@@ -26,7 +26,7 @@ from resnet_jax.models import ResNet, create_model
 from resnet_jax.models.layers import resolve_layer_impl
 from resnet_jax.storage import paths
 from resnet_jax.training import (checkpointing, optimizers, parallel, preemption, reporting,
-                                 startup, steps)
+                                 run_record, startup, steps)
 from resnet_jax.training.config import validate_config
 from resnet_jax.training.train_state import TrainState, create_train_state
 
@@ -328,13 +328,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """
   validate_config(config)
   workdir = prepare_workdir(workdir)
+  checkpoints = workdir / "checkpoints"
+  resuming = checkpoints.is_dir() and bool(pretrained.finished_steps(checkpoints))
+  config_changes = run_record.check_config(workdir, config, resuming)
   startup.use_compilation_cache(config.compilation_cache_dir)
   with startup.StartupClock() as startup_clock:
-    return _train_and_evaluate(config, workdir, startup_clock)
+    return _train_and_evaluate(config, workdir, startup_clock, config_changes)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
-                        startup_clock: startup.StartupClock) -> dict[str, float]:
+                        startup_clock: startup.StartupClock,
+                        config_changes: dict[str, list[Any]]) -> dict[str, float]:
   # Shapes only: a resumed run restores its state without initialising one first.
   exp = setup(config, abstract_state=True)
   if (config.scan_blocks and jax.default_backend() == "cpu"
@@ -352,7 +356,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
       expected=model_info(exp))
   if restored is None:
     state, start_step, start_batch = exp.make_initial_state(), 0, 0
-    logging.info("Starting %s on %s from scratch in %s", config.model, config.dataset, workdir)
+    how = f"from the weights in {config.init_from}" if config.init_from else "from scratch"
+    logging.info("Starting %s on %s %s in %s", config.model, config.dataset, how, workdir)
   else:
     state, saved_position = restored
     start_step = int(jax.device_get(state.step))
@@ -364,6 +369,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     logging.info(message)
     if is_main_process:
       print(message, flush=True)
+    how = f"resumed at step {start_step}"
+  if is_main_process:
+    run_record.record_start(workdir, config, config_changes, how)
 
   info = model_info(exp).to_json()
   writer = reporting.MetricsWriter(workdir, enabled=is_main_process, resume_step=start_step)
