@@ -10,8 +10,9 @@ checks what a user would see: the exit code, the one error line, the checkpoints
 behind, and, where a run resumes, that its final weights equal an uninterrupted run's bit
 for bit. Multi-process runs are 2 train.py processes × 4 CPU devices on this machine
 (jax.distributed over localhost, gloo) that continue the 1-process run from its checkpoint
-at step 10. The runs share compiled
-programs through XLA's persistent cache. `tests/test_faults.py` runs the same faults.
+at step 10. The bucket rows put the workdir in a local GCS bucket (`storage.emulator`, on
+disk, so that one row can stop and restart it). The runs share compiled programs through
+XLA's persistent cache. `tests/test_faults.py` runs the same faults.
 """
 
 from __future__ import annotations
