@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -67,7 +68,7 @@ def test_load_names_what_is_missing(tmp_path):
     pretrained.load(str(tmp_path))
 
 
-def test_fine_tuning_starts_from_the_weights_with_a_new_head(trained_folder_run):
+def test_fine_tuning_starts_from_the_weights_with_a_new_head(trained_folder_run, capsys):
   """The miniature transfer experiment: digits 0-4 → a new head for digits 5-9."""
   workdir, data_dir, root = trained_folder_run
   target = digit_folder(os.path.join(root, "target"), range(5, 10), per_class=16,
@@ -84,6 +85,10 @@ def test_fine_tuning_starts_from_the_weights_with_a_new_head(trained_folder_run)
 
   metrics = loop.train_and_evaluate(config, os.path.join(root, "finetune"))
   assert np.isfinite(metrics["eval/loss"])
+  said = re.search(r"^Starting resnet8 on folder:\S+ from the resnet8 weights in \S+ \(5 classes "
+                   r"of folder:\S+; (\d+) arrays loaded\), fc replaced by a new 5-class head, "
+                   r"backbone at 0\.1× the learning rate, in ", capsys.readouterr().out, re.M)
+  assert said and int(said.group(1)) == len(jax.tree.leaves(source))
   with open(os.path.join(root, "finetune", "metrics.jsonl")) as f:
     logged = [r for r in map(json.loads, f) if "eval/loss" in r][-1]
   assert {"probe/1shot_accuracy", "probe/3shot_accuracy"} <= set(logged)

@@ -81,3 +81,17 @@ def test_only_length_changes_under_a_length_dependent_schedule_block():
 def test_secret_looking_flag_values_are_not_recorded():
   assert run_record.command_line(["train.py", "--auth_token=abc", "--workdir=/x"]) == [
       "train.py", "--auth_token=<redacted>", "--workdir=/x"]
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_new_workdir(tmp_path,
+                                                                        digits_data_dir):
+  config = short_digits_config(digits_data_dir)
+  config.batch_size = 4096  # more than the training split: fails in setup
+  with pytest.raises(ValueError, match="larger than the"):
+    loop.train_and_evaluate(config, tmp_path / "new" / "run")
+  assert not (tmp_path / "new" / "run").exists()
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  with pytest.raises(ValueError, match="larger than the"):
+    loop.train_and_evaluate(config, existing)
+  assert existing.is_dir()  # the user's folder stays

@@ -51,6 +51,7 @@ class Experiment:
   initial_state: TrainState  # replicated; shapes and dtypes only with `abstract_state`
   make_initial_state: Callable[[], TrainState]  # builds the concrete one (initialises)
   probe_dataset: data.DatasetInfo | None  # for few-shot linear probes at each evaluation
+  start_note: str  # how a run without a checkpoint starts: "from scratch", or which weights
 
 
 def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = None,
@@ -130,7 +131,8 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
       data_parallel=parallel.make_data_parallel(config.parallelism, train_step, eval_step),
       initial_state=state,
       make_initial_state=make_initial_state,
-      probe_dataset=probe_dataset)
+      probe_dataset=probe_dataset,
+      start_note=describe_start(config, init_weights, model.num_classes))
 
 
 def load_init_weights(config: ml_collections.ConfigDict) -> pretrained.Pretrained | None:
@@ -145,14 +147,32 @@ def load_init_weights(config: ml_collections.ConfigDict) -> pretrained.Pretraine
   return weights
 
 
+def describe_start(config: ml_collections.ConfigDict, weights: pretrained.Pretrained | None,
+                   num_classes: int) -> str:
+  """How a run without a checkpoint starts: from scratch, or what it loads and changes."""
+  if weights is None:
+    return "from scratch"
+  info = weights.info
+  note = (f"from the {info.model} weights in {weights.path} ({info.num_classes} classes"
+          f"{f' of {info.source}' if info.source else ''}; "
+          f"{len(jax.tree.leaves(weights.variables))} arrays loaded)")
+  if config.replace_head:
+    note += f", fc replaced by a new {num_classes}-class head"
+  if config.freeze_backbone:
+    note += ", backbone frozen (only fc trains)"
+  elif config.backbone_learning_rate_scale != 1:
+    note += f", backbone at {config.backbone_learning_rate_scale:g}× the learning rate"
+  if config.freeze_batch_stats:
+    note += ", BatchNorm statistics frozen"
+  return note
+
+
 def start_from(weights: pretrained.Pretrained, state: TrainState,
                replace_head: bool) -> TrainState:
   """`state` with `weights` (and a fresh head with `replace_head`); raises if they don't fit."""
   variables = pretrained.merge(state.variables, weights.variables, replace_head=replace_head,
                                source=weights.path)
   params = variables["params"]
-  logging.info("Starting from the %s weights in %s%s", weights.info.model, weights.path,
-               " with a new head" if replace_head else "")
   return state.replace(
       params=params, batch_stats=variables["batch_stats"], opt_state=state.tx.init(params),
       ema_params=None if state.ema_params is None else jax.tree.map(np.copy, params))
@@ -327,13 +347,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   says (NonFiniteError when training must stop).
   """
   validate_config(config)
+  # A bucket has no empty folders to leave behind (and is not touched before its checks).
+  is_new = not paths.is_bucket(workdir) and not paths.resolve(workdir).exists()
   workdir = prepare_workdir(workdir)
-  checkpoints = workdir / "checkpoints"
-  resuming = checkpoints.is_dir() and bool(pretrained.finished_steps(checkpoints))
-  config_changes = run_record.check_config(workdir, config, resuming)
-  startup.use_compilation_cache(config.compilation_cache_dir)
-  with startup.StartupClock() as startup_clock:
-    return _train_and_evaluate(config, workdir, startup_clock, config_changes)
+  try:
+    checkpoints = workdir / "checkpoints"
+    resuming = checkpoints.is_dir() and bool(pretrained.finished_steps(checkpoints))
+    config_changes = run_record.check_config(workdir, config, resuming)
+    startup.use_compilation_cache(config.compilation_cache_dir)
+    with startup.StartupClock() as startup_clock:
+      return _train_and_evaluate(config, workdir, startup_clock, config_changes)
+  except BaseException:
+    if is_new and jax.process_index() == 0:
+      remove_if_empty(workdir)
+    raise
+
+
+def remove_if_empty(workdir: epath.Path) -> None:
+  """Removes `workdir` if it holds no file (a run that failed before writing anything)."""
+  if workdir.is_dir() and not any(not e.is_dir for e in paths.list_tree(workdir)):
+    workdir.rmtree()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
@@ -356,8 +389,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
       expected=model_info(exp))
   if restored is None:
     state, start_step, start_batch = exp.make_initial_state(), 0, 0
-    how = f"from the weights in {config.init_from}" if config.init_from else "from scratch"
-    logging.info("Starting %s on %s %s in %s", config.model, config.dataset, how, workdir)
+    how = exp.start_note
+    if is_main_process:
+      print(f"Starting {config.model} on {config.dataset} {how}, in {workdir}", flush=True)
   else:
     state, saved_position = restored
     start_step = int(jax.device_get(state.step))
