@@ -34,16 +34,21 @@ from resnet_jax.training import startup  # noqa: E402
 from resnet_jax.training.checkpointing import CheckpointError  # noqa: E402
 from resnet_jax.training.loop import NonFiniteError, WriteError, train_and_evaluate  # noqa: E402
 
-try:  # config_flags applies --config.KEY overrides here, at definition.
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", str(pathlib.Path(__file__).resolve().parent / "configs" / "digits.py"),
-      "Training config file; override any key with --config.KEY=VALUE.", lock_config=True)
-except (AttributeError, KeyError) as e:  # an override names a key the config does not have.
+def unknown_key_error(e: AttributeError | KeyError) -> str:
+  """One line for an override naming a key the config does not have."""
   detail = e
   while isinstance(detail, BaseException) and detail.args:  # ml_collections nests the KeyError
     detail = detail.args[0]
   detail = " ".join(str(detail).split())
-  raise SystemExit(f"error: unknown config key in the command line: {detail}") from None
+  return f"error: unknown config key in the command line: {detail}"
+
+
+try:  # config_flags applies --config.KEY overrides to the default config here, at definition.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", str(pathlib.Path(__file__).resolve().parent / "configs" / "digits.py"),
+      "Training config file; override any key with --config.KEY=VALUE.", lock_config=True)
+except (AttributeError, KeyError) as e:
+  raise SystemExit(unknown_key_error(e)) from None
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits",
                                "Directory for checkpoints, metrics.jsonl, TensorBoard and plots.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -93,6 +98,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except OSError as e:  # an override applied to a config file that could not be loaded
     raise SystemExit(config_file_error(e)) from None
+  except (AttributeError, KeyError) as e:  # an override of an explicit --config file's keys
+    raise SystemExit(unknown_key_error(e)) from None
   except flags.Error as e:  # a wrong-typed value, an unknown flag
     raise SystemExit(f"error: {e}") from None
 

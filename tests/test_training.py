@@ -327,10 +327,12 @@ def test_unknown_config_key_is_named():
     validate_config(config)
 
 
-def test_train_py_rejects_an_unknown_key_before_compiling(tmp_path):
+@pytest.mark.parametrize("config_file", [(), ("--config=configs/cifar10_folder.py",)],
+                         ids=["default config", "explicit --config"])
+def test_train_py_rejects_an_unknown_key_before_compiling(tmp_path, config_file):
   result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={tmp_path}",
-       "--config.learning_rat=0.1"], capture_output=True, text=True, timeout=120)
+      [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={tmp_path}", *config_file,
+       "--config.learning_rat=0.1"], capture_output=True, text=True, timeout=120, cwd=REPO)
   assert result.returncode != 0
   assert "error: unknown config key in the command line: 'learning_rat'" in result.stderr
   assert "Traceback" not in result.stderr
