@@ -87,7 +87,9 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_new_workdir(tmp_path
                                                                         digits_data_dir):
   config = short_digits_config(digits_data_dir)
   config.batch_size = 4096  # more than the training split: fails in setup
-  with pytest.raises(ValueError, match="larger than the"):
+  largest = 1437 // jax.device_count() * jax.device_count()  # digits: 1,437 to train on
+  with pytest.raises(ValueError, match=f"larger than the 1437 training examples of digits: use "
+                                       f"--config.batch_size={largest} or smaller"):
     loop.train_and_evaluate(config, tmp_path / "new" / "run")
   assert not (tmp_path / "new" / "run").exists()
   existing = tmp_path / "existing"

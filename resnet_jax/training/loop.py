@@ -90,8 +90,13 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
 
   steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
   if steps_per_epoch == 0:
+    devices = jax.device_count()
+    largest = info.num_train_examples // devices * devices  # divisible among the devices
+    way_on = (f"use --config.batch_size={largest} or smaller (a multiple of the {devices} "
+              f"device(s))" if largest else f"fewer than the {devices} devices")
     raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
-                     f"{info.num_train_examples} training examples of {config.dataset}")
+                     f"{info.num_train_examples} training examples of {config.dataset}: "
+                     f"{way_on}")
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(config.num_epochs * steps_per_epoch))
   accum = config.grad_accum_steps
