@@ -30,7 +30,7 @@ import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from resnet_jax.bench import dry_run, step_time, write_json  # noqa: E402
-from resnet_jax.training import startup  # noqa: E402
+from resnet_jax.training import reporting, startup  # noqa: E402
 from resnet_jax.training.checkpointing import CheckpointError  # noqa: E402
 from resnet_jax.training.loop import NonFiniteError, WriteError, train_and_evaluate  # noqa: E402
 
@@ -141,8 +141,7 @@ def main(argv: list[str]) -> None:
   except (ValueError, NonFiniteError, CheckpointError, WriteError) as e:  # bad input, NaNs, a
     raise SystemExit(f"error: {e}") from None  # failed write: one line, exit code 1.
   if metrics:
-    print(f"Final eval: loss {metrics['eval/loss']:.4f}, accuracy {metrics['eval/accuracy']:.2%}, "
-          f"top-5 {metrics['eval/top5_accuracy']:.2%}. Outputs in {_WORKDIR.value}/")
+    print(f"Final eval: {reporting.eval_summary(metrics)}. Outputs in {_WORKDIR.value}/")
 
 
 if __name__ == "__main__":

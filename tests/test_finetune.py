@@ -92,6 +92,7 @@ def test_fine_tuning_starts_from_the_weights_with_a_new_head(trained_folder_run,
   with open(os.path.join(root, "finetune", "metrics.jsonl")) as f:
     logged = [r for r in map(json.loads, f) if "eval/loss" in r][-1]
   assert {"probe/1shot_accuracy", "probe/3shot_accuracy"} <= set(logged)
+  assert "eval/top5_accuracy" not in logged  # 5 classes: top-5 would always be 100%
   tuned = pretrained.load(os.path.join(root, "finetune"))
   assert tuned.info.class_names == tuple(f"digit_{d}" for d in range(5, 10))
   probe = linear_probe.probe(tuned.info.create_model(), tuned.variables,

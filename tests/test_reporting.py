@@ -126,3 +126,19 @@ def test_disabled_progress_bar_is_silent(capsys):
     bar.update(1)
   assert bar.disable
   assert capsys.readouterr().err == ""
+
+
+def test_curves_show_a_one_point_series_and_equal_series_in_different_styles():
+  records = [{"step": 1, "train/loss": 2.0, "train/accuracy": 0.5},
+             {"step": 1, "eval/loss": 1.5, "eval/accuracy": 1.0, "eval/top5_accuracy": 1.0}]
+  loss_panel, accuracy_panel = reporting.curves_figure(records).axes
+  assert all(line.get_marker() not in (None, "None") for line in loss_panel.lines)
+  styles = {(line.get_linestyle(), line.get_marker()) for line in accuracy_panel.lines}
+  assert len(styles) == len(accuracy_panel.lines) == 3
+
+
+def test_the_eval_summary_shows_top5_only_where_it_was_measured():
+  assert reporting.eval_summary({"eval/loss": 0.5, "eval/accuracy": 0.9}) == (
+      "loss 0.5000, accuracy 90.00%")
+  assert reporting.eval_summary({"eval/loss": 0.5, "eval/accuracy": 0.9,
+                                 "eval/top5_accuracy": 1.0}).endswith(", top-5 100.00%")

@@ -215,7 +215,7 @@ def evaluate(exp: Experiment, state: TrainState) -> dict[str, float]:
   sums = [dp.eval_step(state, batch)
           for batch in parallel.prefetch_to_devices(batches, dp.put_batch, c.prefetch_batches)]
   total = jax.tree.map(lambda *xs: sum(float(x) for x in xs), *sums)
-  metrics = steps.summarize_eval(total)
+  metrics = steps.summarize_eval(total, exp.model.num_classes)
   if exp.probe_dataset is not None:  # every process probes the whole dataset, on its own
     variables = jax.tree.map(parallel.local_copy, dp.get_state(state).eval_variables)
     metrics.update(linear_probe.probe(
@@ -474,9 +474,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
           if is_main_process:
             progress.write(
                 f"step {step}/{exp.total_steps} (epoch {step / exp.steps_per_epoch:.1f}): "
-                f"eval loss {eval_metrics['eval/loss']:.4f}, "
-                f"accuracy {eval_metrics['eval/accuracy']:.2%}, "
-                f"top-5 {eval_metrics['eval/top5_accuracy']:.2%}")
+                f"eval {reporting.eval_summary(eval_metrics)}")
           interval_eval_seconds += time.perf_counter() - eval_start  # not training throughput
         if checkpointed:  # (a failed asynchronous write surfaces at the next save)
           guarded_write(f"the checkpoint at step {step}", functools.partial(

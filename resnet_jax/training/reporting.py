@@ -40,6 +40,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
   return records
 
 
+def eval_summary(metrics: Mapping[str, float]) -> str:
+  """"loss 0.1234, accuracy 95.00%[, top-5 99.00%]" (top-5 where it was measured)."""
+  summary = f"loss {metrics['eval/loss']:.4f}, accuracy {metrics['eval/accuracy']:.2%}"
+  if "eval/top5_accuracy" in metrics:
+    summary += f", top-5 {metrics['eval/top5_accuracy']:.2%}"
+  return summary
+
+
 def metric_curve(records: list[dict[str, float]], key: str) -> tuple[list[int], list[float]]:
   """(steps, values) of `key` over the records that have it, in file order."""
   points = [(int(r["step"]), r[key]) for r in records if key in r]
@@ -92,6 +100,33 @@ class _BucketEventsFiles:
 
 for _scheme in ("gs", "s3"):  # replaces tensorboardX's own (google-cloud-storage, boto3)
   tensorboardX.record_writer.register_writer_factory(_scheme, _BucketEventsFiles())
+
+
+# Each series of a panel in its own line style and marker, so that equal series (accuracy
+# and top-5 both at 100%) show as one drawn over the other rather than one hidden.
+_SERIES_STYLES = (("-", "o"), ("--", "s"), (":", "^"))
+FEW_POINTS = 20  # a series with at most this many points is drawn with markers
+
+
+def curves_figure(records: list[dict[str, float]]) -> Figure:
+  """Loss and accuracy against step, one panel each, from metrics records."""
+  fig = Figure(figsize=(12, 4.5))  # Not pyplot: no display and no global figure state.
+  for ax, (title, yscale, keys) in zip(fig.subplots(1, len(CURVE_PANELS)), CURVE_PANELS):
+    for key, (linestyle, marker) in zip(keys, _SERIES_STYLES):
+      steps, values = metric_curve(records, key)
+      if steps:
+        # Markers keep sparse series (a single eval point, a short run) visible.
+        ax.plot(steps, values, label=key, linestyle=linestyle, markersize=4,
+                marker=marker if len(steps) <= FEW_POINTS or key.startswith("eval/") else None)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(title.lower())
+    ax.set_yscale(yscale)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+      ax.legend()
+  fig.tight_layout()
+  return fig
 
 
 class MetricsWriter:
@@ -147,25 +182,8 @@ class MetricsWriter:
     """Saves loss and accuracy curves to {workdir}/curves.png; None if there is nothing."""
     if not self.enabled or not self._records:
       return None
-    records = self._records
-    fig = Figure(figsize=(12, 4.5))  # Not pyplot: no display and no global figure state.
-    for ax, (title, yscale, keys) in zip(fig.subplots(1, len(CURVE_PANELS)), CURVE_PANELS):
-      for key in keys:
-        steps, values = metric_curve(records, key)
-        if steps:
-          # Markers keep sparse eval points (a single one, in a one-epoch run) visible.
-          ax.plot(steps, values, label=key, marker="o" if key.startswith("eval/") else None,
-                  markersize=3)
-      ax.set_title(title)
-      ax.set_xlabel("step")
-      ax.set_ylabel(title.lower())
-      ax.set_yscale(yscale)
-      ax.grid(True, alpha=0.3)
-      if ax.lines:
-        ax.legend()
-    fig.tight_layout()
     image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=100)
+    curves_figure(self._records).savefig(image, format="png", dpi=100)
     paths.write_atomically(self.curves_path, image.getvalue())
     return self.curves_path
 

@@ -173,11 +173,12 @@ def eval_step(state: TrainState, batch: Batch, *, inputs: InputTransform = Input
   return sums
 
 
-def summarize_eval(sums: Metrics) -> dict[str, float]:
-  """eval/loss, eval/accuracy and eval/top5_accuracy from summed eval metrics."""
+def summarize_eval(sums: Metrics, num_classes: int) -> dict[str, float]:
+  """eval/loss, eval/accuracy and, with more than 5 classes (with 5 or fewer it is always
+  100%), eval/top5_accuracy from summed eval metrics."""
   count = float(sums["count"])
-  return {
-      "eval/loss": float(sums["loss_sum"]) / count,
-      "eval/accuracy": float(sums["correct"]) / count,
-      "eval/top5_accuracy": float(sums["top5_correct"]) / count,
-  }
+  metrics = {"eval/loss": float(sums["loss_sum"]) / count,
+             "eval/accuracy": float(sums["correct"]) / count}
+  if num_classes > 5:
+    metrics["eval/top5_accuracy"] = float(sums["top5_correct"]) / count
+  return metrics
