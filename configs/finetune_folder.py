@@ -1,6 +1,6 @@
 """Fine-tune pretrained weights on an image folder (DIR/train/<class>/*.jpg, optional val/).
 
-  python -m resnet_jax.convert --from-torchvision resnet50 --weights resnet50.pth \
+  python -m resnet_jax.convert --from_torchvision resnet50 --weights resnet50.pth \
       --out weights/resnet50
   python train.py --config=configs/finetune_folder.py --config.dataset=folder:DIR \
       --config.init_from=weights/resnet50 --workdir=runs/finetune

@@ -1,18 +1,17 @@
 """Converts torchvision weights into resnet_jax weights with their ModelInfo.
 
-  python -m resnet_jax.convert --from-torchvision resnet50 --weights resnet50.pth \
-      --out weights/resnet50 [--class-names classes.txt]
+  python -m resnet_jax.convert --from_torchvision resnet50 --weights resnet50.pth \
+      --out weights/resnet50 [--class_names classes.txt]
 
 Reads a state dict from `.pth`/`.pt` (torch.load with weights_only=True: tensors only, never
 arbitrary pickled objects) or `.safetensors` (no torch needed) and writes it with
 `pretrained.save`, for `pretrained.load`, `config.init_from`, predict and export. Class
-names: `--class-names FILE` (one per line), else torchvision's ImageNet categories for
+names: `--class_names FILE` (one per line), else torchvision's ImageNet categories for
 1000-class weights when torchvision is installed. Every path may be local or in a bucket.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import io
 import os
@@ -26,6 +25,7 @@ except ImportError:
 
 import safetensors.numpy
 
+from resnet_jax import cli
 from resnet_jax import pretrained
 from resnet_jax.interop import TORCHVISION_MODELS, from_state_dict
 from resnet_jax.storage import paths
@@ -97,7 +97,7 @@ def convert(name: str, weights: str, out: str,
   if name not in TORCHVISION_MODELS:
     close = difflib.get_close_matches(name, TORCHVISION_MODELS, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"--from-torchvision {name!r} is not a torchvision ResNet.{hint} "
+    raise ValueError(f"--from_torchvision {name!r} is not a torchvision ResNet.{hint} "
                      f"Choose one of: {', '.join(TORCHVISION_MODELS)}")
   if paths.resolve(out).exists():  # before reading what may be gigabytes of weights
     raise ValueError(f"--out {out} already exists; choose a new directory")
@@ -115,13 +115,13 @@ def convert(name: str, weights: str, out: str,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--from-torchvision", required=True, metavar="NAME",
+  parser = cli.parser_for("resnet_jax.convert", __doc__)
+  parser.add_argument("--from_torchvision", required=True, metavar="NAME",
                       help=f"one of: {', '.join(TORCHVISION_MODELS)}")
   parser.add_argument("--weights", required=True, metavar="FILE",
                       help="a torchvision state dict: .pth, .pt or .safetensors")
   parser.add_argument("--out", required=True, metavar="DIR", help="a new directory")
-  parser.add_argument("--class-names", metavar="FILE", help="one class name per line")
+  parser.add_argument("--class_names", metavar="FILE", help="one class name per line")
   args = parser.parse_args(argv)
   try:
     info = convert(args.from_torchvision, args.weights, args.out, args.class_names)

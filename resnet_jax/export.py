@@ -13,7 +13,6 @@ uint8 `images` → float32 `logits`), with the same polymorphic batch.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from resnet_jax import cli
 from resnet_jax import pretrained
 from resnet_jax.predict import apply_fn
 from resnet_jax.storage import paths
@@ -127,7 +127,7 @@ def save_tf_saved_model(weights: pretrained.Pretrained, directory: str,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser_for("resnet_jax.export", __doc__)
   parser.add_argument("--checkpoint", required=True,
                       help="a train.py workdir, one of its checkpoints, or converted weights")
   parser.add_argument("--out", required=True, help="the serialised program; FILE.json beside it")

@@ -17,7 +17,6 @@ XLA's persistent cache. `tests/test_faults.py` runs the same faults.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import errno
 import functools
@@ -36,6 +35,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from resnet_jax import cli
 from resnet_jax.storage import emulator, paths
 from resnet_jax.storage.file_lock import file_lock
 
@@ -727,8 +727,7 @@ def table(outcomes: Sequence[Outcome]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m resnet_jax.faults",
-                                   description=__doc__.split("\n\n")[0])
+  parser = cli.parser_for("resnet_jax.faults", __doc__)
   parser.add_argument("--workdir", default="", help="default: a new temporary directory")
   parser.add_argument("--only", default="", help="comma-separated fault names (default: all)")
   args = parser.parse_args(argv)

@@ -11,7 +11,6 @@ few-shot evaluator (`fewshot_lsr`), here on NumPy in float64.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax import cli
 from resnet_jax import data, pretrained
 from resnet_jax.data.device_ops import InputTransform
 from resnet_jax.models import ResNet
@@ -125,8 +125,7 @@ def probe(model: ResNet, variables: dict[str, Any], info: data.DatasetInfo, *, i
 
 def main(argv: Sequence[str] | None = None) -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads (lazily)
-  parser = argparse.ArgumentParser(
-      prog="python -m resnet_jax.linear_probe", description=__doc__.split("\n\n")[0])
+  parser = cli.parser_for("resnet_jax.linear_probe", __doc__)
   parser.add_argument("--checkpoint", required=True,
                       help="a train.py workdir, one of its checkpoints, or converted weights")
   parser.add_argument("--dataset", required=True, help="folder:PATH or a prepared tfds name")

@@ -11,7 +11,6 @@ are still predicted, and the exit status is 1; a bad checkpoint or argument exit
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
+from resnet_jax import cli
 from resnet_jax import pretrained
 from resnet_jax.data.device_ops import InputTransform
 from resnet_jax.data.image_folder import IMAGE_EXTENSIONS, check_image
@@ -157,7 +157,7 @@ def format_prediction(prediction: Prediction) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser_for("resnet_jax.predict", __doc__)
   parser.add_argument("--checkpoint", required=True,
                       help="a train.py workdir, one of its checkpoints, or converted weights")
   parser.add_argument("--top_k", type=int, default=5, help="classes shown per image")

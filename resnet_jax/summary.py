@@ -1,4 +1,4 @@
-"""Per-layer model summary: `python -m resnet_jax.summary resnet50 --image-size 224`.
+"""Per-layer model summary: `python -m resnet_jax.summary resnet50 --image_size 224`.
 
 Prints each layer's output shape and parameter count, then totals: parameters, BatchNorm
 statistics and the forward FLOPs of one image from XLA's cost analysis. Nothing is
@@ -8,7 +8,6 @@ the CPU (the same count on every machine).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from resnet_jax import cli
 from resnet_jax.models import create_model, list_models
 
 
@@ -94,11 +94,11 @@ def format_summary(name: str, summary: ModelSummary) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser_for("resnet_jax.summary", __doc__)
   parser.add_argument("model", help=f"one of: {', '.join(list_models())}")
-  parser.add_argument("--image-size", type=int, default=224)
-  parser.add_argument("--num-classes", type=int, default=None)
-  parser.add_argument("--in-channels", type=int, default=3)
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--num_classes", type=int, default=None)
+  parser.add_argument("--in_channels", type=int, default=3)
   parser.add_argument("--depth", type=int, default=None,
                       help="show layers nested at most this deep (1: blocks only)")
   args = parser.parse_args(argv)

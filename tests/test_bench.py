@@ -20,7 +20,7 @@ from resnet_jax.data import fake
 from resnet_jax.models import create_model
 from resnet_jax.summary import summarize
 
-TINY_RUN = ["--image-size", "8", "--batch-size", "16", "--dtype", "float32"]
+TINY_RUN = ["--image_size", "8", "--batch_size", "16", "--dtype", "float32"]
 THROUGHPUT_POSITIVE_FIELDS = ("first_step_s", "step_time_ms", "host_input_ms", "images_per_sec",
                     "train_step_gflop", "train_step_gflop_per_s", "matmul_gflop_per_s",
                     "ratio_to_matmul")
@@ -38,7 +38,7 @@ def run_main(main, argv, json_path):
 @pytest.fixture(scope="module", params=["jit", pytest.param("pmap", marks=pytest.mark.slow)])
 def throughput_comparison(request, tmp_path_factory):
   argv = ["--model", "resnet20", *TINY_RUN, "--parallelism", request.param, "--steps", "2",
-          "--warmup-steps", "1", "--matmul-size", "64", "--matmul-reps", "2"]
+          "--warmup_steps", "1", "--matmul_size", "64", "--matmul_reps", "2"]
   return run_main(throughput.main, argv, tmp_path_factory.mktemp("bench") / "throughput.json")
 
 
@@ -106,8 +106,8 @@ def test_throughput_times_the_plain_conv_path_in_the_same_run(throughput_compari
 
 def test_throughput_flags_a_batch_that_does_not_split_over_devices(capsys):
   with pytest.raises(SystemExit) as exit_info:
-    throughput.main(["--model", "resnet20", "--image-size", "8",
-                     "--batch-size", str(jax.device_count() + 1)])
+    throughput.main(["--model", "resnet20", "--image_size", "8",
+                     "--batch_size", str(jax.device_count() + 1)])
   assert exit_info.value.code == 2
   assert "config.batch_size" in capsys.readouterr().err
 
@@ -131,9 +131,9 @@ def test_compile_time_prints_a_row_per_model_in_each_table(compile_time_run):
 
 def test_input_bench_times_the_pipeline_and_the_train_step_it_feeds(digits_data_dir, tmp_path):
   record, printed = run_main(input_bench.main, [
-      "--dataset", "digits", "--data-dir", digits_data_dir, "--batch-size", "16",
-      "--batches", "3", "--warmup-batches", "1", "--train-step-model", "resnet20",
-      "--no-torchvision"], tmp_path / "input.json")
+      "--dataset", "digits", "--data_dir", digits_data_dir, "--batch_size", "16",
+      "--batches", "3", "--warmup_batches", "1", "--train_step_model", "resnet20",
+      "--no_torchvision"], tmp_path / "input.json")
   assert (record["dataset"], record["preset"], record["image_size"]) == ("digits", "translate", 8)
   ours = record["ours"]
   assert ours["images_per_sec"] > 0 and ours["first_batch_s"] > 0
@@ -141,14 +141,14 @@ def test_input_bench_times_the_pipeline_and_the_train_step_it_feeds(digits_data_
                                                           record["cores"])
   assert record["ratio_to_train_step"] == pytest.approx(
       ours["images_per_sec"] / record["train_step_images_per_sec"])
-  assert record["torchvision"] is None and "not run: --no-torchvision" in printed
+  assert record["torchvision"] is None and "not run: --no_torchvision" in printed
   assert "pipeline / train step consumption" in printed
 
 
 def test_input_bench_times_resumes_on_a_tiny_record_dataset(tmp_path):
   record, printed = run_main(input_bench.main, [
-      "--dataset", "tiny:300", "--data-dir", str(tmp_path), "--batch-size", "8", "--batches",
-      "0", "--resume-at", "0,0.5,0.99", "--shuffle-buffer", "64"], tmp_path / "input.json")
+      "--dataset", "tiny:300", "--data_dir", str(tmp_path), "--batch_size", "8", "--batches",
+      "0", "--resume_at", "0,0.5,0.99", "--shuffle_buffer", "64"], tmp_path / "input.json")
   assert record["train_examples"] == 300 and record["ours"] is None
   assert set(record["resume_first_batch_s"]) == {"0", "0.5", "0.99"}
   assert all(seconds > 0 for seconds in record["resume_first_batch_s"].values())
@@ -157,7 +157,7 @@ def test_input_bench_times_resumes_on_a_tiny_record_dataset(tmp_path):
 
 def test_input_bench_names_a_missing_dataset(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
-    input_bench.main(["--dataset", f"folder:{tmp_path}/none", "--data-dir", str(tmp_path)])
+    input_bench.main(["--dataset", f"folder:{tmp_path}/none", "--data_dir", str(tmp_path)])
   assert exit_info.value.code == 2
   assert "does not exist" in capsys.readouterr().err
 

@@ -14,18 +14,18 @@ import pytest
 
 from resnet_jax.bench import compile_time
 
-TINY = ["--image-size", "8", "--batch-size", "16", "--dtype", "float32"]  # as test_bench's
+TINY = ["--image_size", "8", "--batch_size", "16", "--dtype", "float32"]  # as test_bench's
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-  """(JSON records, printed text, --out dir, --dump-hlo dir) of a one-model sweep."""
+  """(JSON records, printed text, --out dir, --dump_hlo dir) of a one-model sweep."""
   root = tmp_path_factory.mktemp("compile_sweep")
   out, hlo = str(root / "out"), str(root / "hlo")
   stdout = io.StringIO()
   with contextlib.redirect_stdout(stdout):
-    compile_time.main(["--sweep", "--sweep-models", "resnet20", "--variants",
-                       "unrolled,scanned+remat", *TINY, "--out", out, "--dump-hlo", hlo,
+    compile_time.main(["--sweep", "--sweep_models", "resnet20", "--variants",
+                       "unrolled,scanned+remat", *TINY, "--out", out, "--dump_hlo", hlo,
                        "--json", str(root / "records.json")])
   records = json.loads((root / "records.json").read_text())
   return records, stdout.getvalue(), out, hlo
@@ -77,8 +77,8 @@ def test_dump_hlo_writes_both_programs_of_each_variant(sweep):
 
 
 @pytest.mark.parametrize("flags,variants", [
-    ([], ["unrolled"]), (["--scan-blocks"], ["scanned"]), (["--remat"], ["remat"]),
-    (["--scan-blocks", "--remat"], ["scanned+remat"]), (["--sweep"], ["unrolled", "scanned"]),
+    ([], ["unrolled"]), (["--scan_blocks"], ["scanned"]), (["--remat"], ["remat"]),
+    (["--scan_blocks", "--remat"], ["scanned+remat"]), (["--sweep"], ["unrolled", "scanned"]),
     (["--variants", "remat,unrolled"], ["remat", "unrolled"])])
 def test_flags_choose_the_variants(flags, variants):
   assert compile_time.chosen_variants(compile_time.make_parser().parse_args(flags)) == variants
@@ -89,16 +89,16 @@ def test_the_sweep_covers_imagenet_and_cifar_depths_and_picks_a_subset():
   models = compile_time.chosen_models(parse(["--sweep", "--out", "x"]))
   assert [compile_time.model_depth(m) for m in models] == [
       18, 34, 50, 101, 152, 200, 20, 32, 44, 56, 110, 1202]
-  assert compile_time.chosen_models(parse(["--sweep", "--out", "x", "--sweep-models",
+  assert compile_time.chosen_models(parse(["--sweep", "--out", "x", "--sweep_models",
                                            "resnet20,resnet56"])) == ["resnet20", "resnet56"]
   assert [compile_time.default_image_size(m) for m in ("resnet20", "resnet50")] == [32, 64]
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--variants", "unrolled", "--remat"], "drop --scan-blocks/--remat"),
+    (["--variants", "unrolled", "--remat"], "drop --scan_blocks/--remat"),
     (["--variants", "folded"], "unknown ['folded']"),
     (["--sweep"], "give --out DIR"),
-    (["--sweep-models", "resnet20"], "use --models otherwise")])
+    (["--sweep_models", "resnet20"], "use --models otherwise")])
 def test_conflicting_or_unknown_choices_are_one_error_line(flags, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
     compile_time.main(flags)

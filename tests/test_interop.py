@@ -154,8 +154,8 @@ def test_convert_safetensors_then_load_gives_same_variables_and_info(tmp_path):
   safetensors.numpy.save_file(state_dict, weights)
   names = [f"digit {i}" for i in range(10)]
   (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
-  result = run_convert("--from-torchvision", "resnet18", "--weights", weights, "--out", out,
-                       "--class-names", str(tmp_path / "classes.txt"))
+  result = run_convert("--from_torchvision", "resnet18", "--weights", weights, "--out", out,
+                       "--class_names", str(tmp_path / "classes.txt"))
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith("Converted resnet18 (10 classes, 10 class names)")
   loaded = pretrained.load(out)
@@ -168,7 +168,7 @@ def test_convert_safetensors_then_load_gives_same_variables_and_info(tmp_path):
 
 def test_convert_bad_input_prints_one_error_line_and_exits_2(tmp_path):
   (tmp_path / "corrupt.safetensors").write_bytes(b"not safetensors")
-  result = run_convert("--from-torchvision", "resnet18", "--weights",
+  result = run_convert("--from_torchvision", "resnet18", "--weights",
                        str(tmp_path / "corrupt.safetensors"), "--out", str(tmp_path / "out"))
   assert result.returncode == 2
   assert result.stderr.startswith("error: could not read") and "Traceback" not in result.stderr
@@ -197,16 +197,16 @@ def test_convert_bad_input_is_an_error_line_with_exit_code_2(
   (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 64)
   (tmp_path / "existing").mkdir()
   (tmp_path / "classes.txt").write_text("cat\ndog\n")
-  args = {"--from-torchvision": "resnet18", "--weights": resnet18_safetensors,
+  args = {"--from_torchvision": "resnet18", "--weights": resnet18_safetensors,
           "--out": str(tmp_path / "out")}
   args.update({
       "missing_file": {"--weights": str(tmp_path / "absent.safetensors")},
       "unknown_extension": {"--weights": str(tmp_path / "weights.bin")},
       "corrupt_file": {"--weights": str(tmp_path / "corrupt.safetensors")},
-      "wrong_model": {"--from-torchvision": "resnet34"},
-      "unknown_model": {"--from-torchvision": "resnet1B"},
+      "wrong_model": {"--from_torchvision": "resnet34"},
+      "unknown_model": {"--from_torchvision": "resnet1B"},
       "existing_out": {"--out": str(tmp_path / "existing")},
-      "class_name_count": {"--class-names": str(tmp_path / "classes.txt")},
+      "class_name_count": {"--class_names": str(tmp_path / "classes.txt")},
   }[case])
   with pytest.raises(SystemExit) as exit_info:
     convert.main([item for pair in args.items() for item in pair])
@@ -220,7 +220,7 @@ def test_convert_bad_input_is_an_error_line_with_exit_code_2(
 def test_convert_pth_without_torch_says_to_install_it_or_use_safetensors(tmp_path, capsys):
   (tmp_path / "resnet18.pth").write_bytes(b"")
   with pytest.raises(SystemExit):
-    convert.main(["--from-torchvision", "resnet18", "--weights", str(tmp_path / "resnet18.pth"),
+    convert.main(["--from_torchvision", "resnet18", "--weights", str(tmp_path / "resnet18.pth"),
                   "--out", str(tmp_path / "out")])
   error = capsys.readouterr().err
   assert "pip install torch" in error and ".safetensors" in error
@@ -233,7 +233,7 @@ def test_convert_pth_checkpoint_names_imagenet_classes(tmp_path):
   weights, out = str(tmp_path / "checkpoint.pth"), str(tmp_path / "converted")
   torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state_dict.items()},
               "epoch": 90}, weights)
-  convert.main(["--from-torchvision", "resnet18", "--weights", weights, "--out", out])
+  convert.main(["--from_torchvision", "resnet18", "--weights", weights, "--out", out])
   loaded = pretrained.load(out)
   chex.assert_trees_all_equal(loaded.variables, from_state_dict("resnet18", state_dict))
   assert len(loaded.info.class_names) == 1000 and loaded.info.class_names[0] == "tench"

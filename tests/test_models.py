@@ -264,7 +264,7 @@ def test_too_small_image_names_the_minimum_size():
 
 
 def test_summary_lists_layers_in_call_order_with_totals(capsys):
-  summary_main(["resnet20", "--image-size", "32", "--depth", "1"])
+  summary_main(["resnet20", "--image_size", "32", "--depth", "1"])
   out = capsys.readouterr().out
   layers = [line.split()[0] for line in out.splitlines()[2:14]]
   assert layers[:4] == ["conv1", "bn1", "layer1_0", "layer1_1"]

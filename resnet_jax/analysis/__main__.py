@@ -11,7 +11,6 @@ be repeated). All are measured on the same batch of `--batch_size` training imag
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import os
@@ -22,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from resnet_jax import cli
 from resnet_jax import data, pretrained
 from resnet_jax.analysis.blocks import block_gradients, branch_response_stds
 from resnet_jax.data.device_ops import normalize
@@ -163,8 +163,7 @@ def spread(rows: list[dict[str, Any]], label: str, column: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  parser = argparse.ArgumentParser(prog="python -m resnet_jax.analysis",
-                                   description=__doc__.split("\n\n")[0])
+  parser = cli.parser_for("resnet_jax.analysis", __doc__)
   commands = parser.add_subparsers(dest="command", required=True)
   for name, help_text in (("gradient-flow", "norms of ∂L/∂(block input) and ∂L/∂(block params)"),
                           ("layer-responses", "std of each residual branch's output")):

@@ -2,8 +2,8 @@
 asynchronous saves cost the train steps around them.
 
   python -m resnet_jax.bench.checkpoint --model resnet50 --repeats 3
-  python -m resnet_jax.bench.checkpoint --model resnet50 --overhead-steps 150 \
-      --checkpoint-every 50 --batch-size 8 --image-size 64
+  python -m resnet_jax.bench.checkpoint --model resnet50 --overhead_steps 150 \
+      --checkpoint_every 50 --batch_size 8 --image_size 64
 
 Every checkpoint goes through `training.checkpointing` (train.py's saves and resumes): the
 whole train state (parameters, BatchNorm statistics, SGD momentum), one replicated copy,
@@ -13,16 +13,15 @@ one, a bucket of the local storage emulator (`storage.emulator`, objects on loca
 - **Save and restore**: `--repeats` blocking saves (the `save` call, then
   `wait_until_finished`), each at a new step, then as many restores of the newest one
   (`restore_latest`, what a resumed run calls, metadata checks included).
-- **Overhead of asynchronous saves** (`--overhead-steps`): the real train step on "fake"
+- **Overhead of asynchronous saves** (`--overhead_steps`): the real train step on "fake"
   data, timed one step at a time, without checkpoints and then with an asynchronous save
-  every `--checkpoint-every` steps (as the loop makes them: `save` returns once the arrays
+  every `--checkpoint_every` steps (as the loop makes them: `save` returns once the arrays
   are copied to the host; the writing goes on in orbax's threads while training goes on);
   the baseline runs again last, and the overhead is against the mean of both baselines.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
@@ -33,6 +32,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from resnet_jax import cli
 from resnet_jax.bench import benchmark_config, write_json
 from resnet_jax.storage import emulator
 from resnet_jax.training import checkpointing, loop
@@ -160,15 +160,14 @@ def format_results(save_restore: Sequence[SaveRestoreResult],
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m resnet_jax.bench.checkpoint",
-                                   description=__doc__.split("\n\n")[0])
+  parser = cli.parser_for("resnet_jax.bench.checkpoint", __doc__)
   parser.add_argument("--model", default="resnet50")
   parser.add_argument("--repeats", type=int, default=3, help="saves and restores per target")
-  parser.add_argument("--overhead-steps", type=int, default=0,
+  parser.add_argument("--overhead_steps", type=int, default=0,
                       help="train steps per overhead run (0: skip the overhead runs)")
-  parser.add_argument("--checkpoint-every", type=int, default=50)
-  parser.add_argument("--batch-size", type=int, default=8, help="of the overhead runs")
-  parser.add_argument("--image-size", type=int, default=64, help="of the overhead runs")
+  parser.add_argument("--checkpoint_every", type=int, default=50)
+  parser.add_argument("--batch_size", type=int, default=8, help="of the overhead runs")
+  parser.add_argument("--image_size", type=int, default=64, help="of the overhead runs")
   parser.add_argument("--bucket", default="",
                       help="gs://BUCKET/DIR to use (default: a local emulated bucket)")
   parser.add_argument("--json", default="", help="also write the results here")

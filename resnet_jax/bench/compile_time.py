@@ -2,7 +2,7 @@
 
   python -m resnet_jax.bench.compile_time --models resnet18,resnet50,resnet101
   python -m resnet_jax.bench.compile_time --models resnet50 --variants unrolled,scanned,remat
-  python -m resnet_jax.bench.compile_time --sweep --out DIR --sweep-models resnet20,resnet56
+  python -m resnet_jax.bench.compile_time --sweep --out DIR --sweep_models resnet20,resnet56
 
 For each model it builds the jit-mode experiment with `setup` (as train.py does, but with
 an abstract state: nothing is initialised) and times, separately, tracing, lowering to
@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import jax
 import tqdm
 
+from resnet_jax import cli
 from resnet_jax.bench import benchmark_config, write_csv, write_json
 from resnet_jax.bench.dry_run import MEMORY_FIELDS, abstract_inputs, memory_stats
 from resnet_jax.models import create_model
@@ -261,14 +262,14 @@ def write_outputs(directory: str, results: Sequence[ModelCompileTimes]) -> list[
 
 
 def chosen_variants(args: argparse.Namespace) -> list[str]:
-  """--variants, else unrolled and scanned for --sweep, else the one --scan-blocks/--remat build."""
+  """--variants, else unrolled and scanned for --sweep, else the one --scan_blocks/--remat build."""
   if args.variants:
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
       raise ValueError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.scan_blocks or args.remat:
-      raise ValueError("--variants names every variant to build; drop --scan-blocks/--remat")
+      raise ValueError("--variants names every variant to build; drop --scan_blocks/--remat")
     return variants
   if args.sweep and not (args.scan_blocks or args.remat):
     return ["unrolled", "scanned"]
@@ -277,9 +278,9 @@ def chosen_variants(args: argparse.Namespace) -> list[str]:
 
 
 def chosen_models(args: argparse.Namespace) -> list[str]:
-  """The sweep's models (--sweep-models picks some), else --models."""
+  """The sweep's models (--sweep_models picks some), else --models."""
   if args.sweep_models and not args.sweep:
-    raise ValueError("--sweep-models picks the models of --sweep; use --models otherwise")
+    raise ValueError("--sweep_models picks the models of --sweep; use --models otherwise")
   if args.sweep and not args.out:
     raise ValueError("--sweep writes a table, a CSV and a plot: give --out DIR")
   names = (args.sweep_models or ",".join(SWEEP_MODELS)) if args.sweep else args.models
@@ -287,27 +288,27 @@ def chosen_models(args: argparse.Namespace) -> list[str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser_for("resnet_jax.bench.compile_time", __doc__)
   parser.add_argument("--models", default="resnet18,resnet50,resnet101",
                       help="comma-separated model names")
-  parser.add_argument("--batch-size", type=int, default=8, help="global, over all devices")
-  parser.add_argument("--image-size", type=int, default=0,
+  parser.add_argument("--batch_size", type=int, default=8, help="global, over all devices")
+  parser.add_argument("--image_size", type=int, default=0,
                       help=f"0: {CIFAR_IMAGE_SIZE} for the CIFAR nets, {IMAGENET_IMAGE_SIZE} "
                       "for ImageNet ones")
   parser.add_argument("--dtype", choices=DTYPES, default="float32")
-  parser.add_argument("--scan-blocks", action="store_true",
+  parser.add_argument("--scan_blocks", action="store_true",
                       help="build the models with scan_blocks (each stage's repeats as a loop)")
   parser.add_argument("--remat", action="store_true", help="build the models with remat")
-  parser.add_argument("--remat-policy", choices=REMAT_POLICIES, default="nothing_saveable")
+  parser.add_argument("--remat_policy", choices=REMAT_POLICIES, default="nothing_saveable")
   parser.add_argument("--variants", default="",
                       help=f"comma-separated, one row each, from {', '.join(VARIANTS)}; ratios "
                       "to unrolled when it is among them")
   parser.add_argument("--sweep", action="store_true",
                       help=f"every depth ({', '.join(SWEEP_MODELS)}), unrolled and scanned")
-  parser.add_argument("--sweep-models", default="", help="only these models of the sweep")
+  parser.add_argument("--sweep_models", default="", help="only these models of the sweep")
   parser.add_argument("--out", metavar="DIR",
                       help="write compile_time.md, .csv, .png (vs depth) and .json there")
-  parser.add_argument("--dump-hlo", metavar="DIR",
+  parser.add_argument("--dump_hlo", metavar="DIR",
                       help="write each program's StableHLO and optimised HLO text there")
   parser.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
   return parser

@@ -15,13 +15,13 @@ missing; WORKDIR/results.{md,json} hold the final errors, WORKDIR/degradation.pn
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 
 import ml_collections
 
 from configs import cifar10_folder
+from resnet_jax import cli
 from resnet_jax import malloc_tuning
 from resnet_jax.bench import write_json
 from resnet_jax.training import loop, reporting
@@ -95,8 +95,7 @@ def plot(run_dirs: dict[str, str], path: str, steps: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m resnet_jax.bench.degradation",
-                                   description=__doc__.split("\n\n")[0])
+  parser = cli.parser_for("resnet_jax.bench.degradation", __doc__)
   parser.add_argument("--cifar_dir", required=True, help="the folder holding train/<class>/")
   parser.add_argument("--workdir", default="runs/degradation")
   parser.add_argument("--steps", type=int, default=64_000, help="the paper's 64k by default")

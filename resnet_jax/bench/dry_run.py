@@ -15,7 +15,6 @@ train.py per pod size.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -30,6 +29,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from resnet_jax import cli
 from resnet_jax import data
 from resnet_jax.bench import write_json
 from resnet_jax.bench.collectives import CollectiveStats, collectives
@@ -277,8 +277,9 @@ def format_sweep(records: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      description="Dry runs for several pod sizes, one train.py process each, as one table.",
+  parser = cli.parser_for(
+      "resnet_jax.bench.dry_run",
+      "Dry runs for several pod sizes, one train.py process each, as one table.",
       epilog="Every other argument (--config, --config.KEY=VALUE, --per_device_batch, "
              "--accelerator, --peak_tflops, --interconnect_gbytes_per_s, --utilization) goes "
              "to `train.py --dry_run` as it is.")

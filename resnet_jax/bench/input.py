@@ -1,26 +1,25 @@
 """Input-pipeline throughput and resume latency, against torchvision and the train step.
 
-  python -m resnet_jax.bench.input --dataset folder:/data/cifar10 --batch-size 128 \
-      --train-step-model resnet20
-  python -m resnet_jax.bench.input --dataset folder:/data/photos --batch-size 64 \
-      --preset imagenet --image-size 224
-  python -m resnet_jax.bench.input --dataset tiny:1281167 --batch-size 256 --batches 0 \
-      --resume-at 0,0.5,0.99
+  python -m resnet_jax.bench.input --dataset folder:/data/cifar10 --batch_size 128 \
+      --train_step_model resnet20
+  python -m resnet_jax.bench.input --dataset folder:/data/photos --batch_size 64 \
+      --preset imagenet --image_size 224
+  python -m resnet_jax.bench.input --dataset tiny:1281167 --batch_size 256 --batches 0 \
+      --resume_at 0,0.5,0.99
 
 Times the train pipeline alone (read, decode, augment, batch to uint8; no device) as
 train.py builds it, on this machine's cores. In the same run it can also time:
   - torchvision's ImageFolder + DataLoader doing the equivalent transforms on the same
     files with one worker per core (`folder:` datasets, when torch and torchvision import);
-  - the train step of `--train-step-model` on batches of the same size, i.e. how many
+  - the train step of `--train_step_model` on batches of the same size, i.e. how many
     images per second training would consume if input were free;
   - how long a resumed stream takes to its first batch at fractions of an epoch.
-`tiny:N` is a synthetic dataset of N tiny PNG records, prepared once into --data-dir, for
+`tiny:N` is a synthetic dataset of N tiny PNG records, prepared once into --data_dir, for
 measuring resume latency at ImageNet's record count without ImageNet's bytes.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import itertools
@@ -39,6 +38,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 from etils import epath  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from resnet_jax import cli
 from resnet_jax import data
 from resnet_jax.bench import benchmark_config, write_json
 from resnet_jax.data.image_folder import quiet_builder
@@ -247,37 +247,37 @@ def format_result(r: InputResult, torchvision_note: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser_for("resnet_jax.bench.input", __doc__)
   parser.add_argument("--dataset", required=True,
                       help="folder:PATH, a prepared tfds name, digits, or tiny:N")
-  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--preset", choices=data.PRESETS, default="auto")
-  parser.add_argument("--image-size", type=int, default=0,
+  parser.add_argument("--image_size", type=int, default=0,
                       help="0: the dataset's size (224 for the imagenet preset)")
   parser.add_argument("--batches", type=int, default=50, help="timed batches (0: none)")
-  parser.add_argument("--warmup-batches", type=int, default=5)
-  parser.add_argument("--data-dir", default=None, help="tfds data dir (default: tfds')")
+  parser.add_argument("--warmup_batches", type=int, default=5)
+  parser.add_argument("--data_dir", default=None, help="tfds data dir (default: tfds')")
   parser.add_argument("--threads", type=int, default=0, help="tf.data threads (0: autotuned)")
-  parser.add_argument("--shuffle-buffer", type=int, default=0, help="0: auto, as in training")
+  parser.add_argument("--shuffle_buffer", type=int, default=0, help="0: auto, as in training")
   parser.add_argument("--cache", action="store_true", help="records in memory")
-  parser.add_argument("--no-torchvision", action="store_true",
+  parser.add_argument("--no_torchvision", action="store_true",
                       help="skip the torchvision comparison even if torch is installed")
-  parser.add_argument("--train-step-model", default=None,
+  parser.add_argument("--train_step_model", default=None,
                       help="also time this model's train step on batches of the same size")
-  parser.add_argument("--resume-at", default="",
+  parser.add_argument("--resume_at", default="",
                       help="comma-separated fractions of an epoch to time a resume at")
   parser.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
   args = parser.parse_args(argv)
   if args.batch_size < 1 or args.batches < 0 or args.warmup_batches < 0:
-    parser.error("--batch-size must be >= 1, --batches and --warmup-batches >= 0")
+    parser.error("--batch_size must be >= 1, --batches and --warmup_batches >= 0")
   try:
     resume_at = [float(f) for f in args.resume_at.split(",") if f.strip()]
   except ValueError:
-    parser.error(f"--resume-at={args.resume_at!r}: expected fractions like 0,0.5,0.99")
+    parser.error(f"--resume_at={args.resume_at!r}: expected fractions like 0,0.5,0.99")
   if any(not 0 <= f < 1 for f in resume_at):
-    parser.error("--resume-at fractions must be in [0, 1)")
+    parser.error("--resume_at fractions must be in [0, 1)")
   use_torchvision = not args.no_torchvision and torchvision is not None
-  note = ("not run: --no-torchvision" if args.no_torchvision
+  note = ("not run: --no_torchvision" if args.no_torchvision
           else "not run: torch/torchvision not installed" if not use_torchvision
           else "not run: only for folder: datasets" if not args.dataset.startswith("folder:")
           else "")

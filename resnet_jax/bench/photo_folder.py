@@ -1,6 +1,6 @@
 """An ImageNet-like image folder made from real photos, for input benchmarks.
 
-  python -m resnet_jax.bench.photo_folder /tmp/photos --classes 10 --per-class 100
+  python -m resnet_jax.bench.photo_folder /tmp/photos --classes 10 --per_class 100
 
 Every file is a distinct random crop (30-100% of the area, 3/4-4/3 aspect) of a real
 photo, maybe mirrored, resized so its short side is 333-500 pixels, and saved as a JPEG of
@@ -10,13 +10,13 @@ scikit-learn's two 427×640 samples, plus scikit-image's colour samples when it 
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import tqdm
 from PIL import Image
+from resnet_jax import cli
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left",
                   "motorcycle_right", "immunohistochemistry", "hubble_deep_field", "colorwheel")
@@ -79,14 +79,14 @@ def write_photo_folder(root: str, *, num_classes: int, per_class: int, seed: int
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser_for("resnet_jax.bench.photo_folder", __doc__)
   parser.add_argument("root", help="folder to write (root/train/<class>/*.jpg)")
   parser.add_argument("--classes", type=int, default=10)
-  parser.add_argument("--per-class", type=int, default=100)
+  parser.add_argument("--per_class", type=int, default=100)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   if args.classes < 1 or args.per_class < 2:
-    parser.error("--classes must be >= 1 and --per-class >= 2")
+    parser.error("--classes must be >= 1 and --per_class >= 2")
   photos = real_photos()
   count = write_photo_folder(args.root, num_classes=args.classes, per_class=args.per_class,
                              seed=args.seed, photos=photos)

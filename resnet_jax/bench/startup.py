@@ -12,13 +12,13 @@ tracing. The first start compiles everything; later ones read the cache.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
 from typing import Sequence
 
+from resnet_jax import cli
 from resnet_jax.bench import write_json
 from resnet_jax.training import reporting, startup
 
@@ -66,7 +66,7 @@ def format_table(starts: Sequence[dict[str, float]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser_for("resnet_jax.bench.startup", __doc__)
   parser.add_argument("--config", default=os.path.join(REPO, "configs", "digits.py"))
   parser.add_argument("--starts", type=int, default=2)
   parser.add_argument("--override", action="append", default=[], metavar="--config.KEY=VALUE",

@@ -1,8 +1,8 @@
 """Train-step throughput against a matmul ceiling, the plain conv path and torchvision.
 
-  python -m resnet_jax.bench.throughput --model resnet50 --batch-size 256 --dtype bfloat16
-  python -m resnet_jax.bench.throughput --model resnet50 --batch-size 8 --dtype float32 \
-      --compare-torch
+  python -m resnet_jax.bench.throughput --model resnet50 --batch_size 256 --dtype bfloat16
+  python -m resnet_jax.bench.throughput --model resnet50 --batch_size 8 --dtype float32 \
+      --compare_torch
 
 Runs the real train step (`setup(config)` and its `DataParallel`, as train.py does) on
 "fake" data fed by the real `train_batches` iterator and put on the devices every step.
@@ -12,14 +12,13 @@ and the process's page faults and kernel time per step (see `resnet_jax/malloc_t
 In the same run it times the plain path (`layer_impl="plain"`: XLA's own convolution
 and reduce-window) when ours differs from it, then one step of ours and one of plain in
 turn for `--steps` rounds (a ratio that holds where the machine's speed drifts), and with
-`--compare-torch` torchvision's model (NCHW and channels-last), and prints ours / theirs.
+`--compare_torch` torchvision's model (NCHW and channels-last), and prints ours / theirs.
 Run as a program, it turns JAX's persistent compilation cache off, so that the first step
 includes a real compilation.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import resource
 import statistics
@@ -32,6 +31,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from resnet_jax import cli
 from resnet_jax import malloc_tuning
 from resnet_jax.bench import benchmark_config, torch_reference, write_json
 from resnet_jax.models.layers import LAYER_IMPLS, resolve_layer_impl
@@ -300,31 +300,31 @@ def format_comparison(c: Comparison) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser_for("resnet_jax.bench.throughput", __doc__)
   parser.add_argument("--model", default="resnet50")
-  parser.add_argument("--batch-size", type=int, default=256, help="global, over all devices")
-  parser.add_argument("--image-size", type=int, default=224)
+  parser.add_argument("--batch_size", type=int, default=256, help="global, over all devices")
+  parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
   parser.add_argument("--parallelism", choices=PARALLELISM_MODES, default="jit")
   parser.add_argument("--steps", type=int, default=20, help="timed steps")
-  parser.add_argument("--warmup-steps", type=int, default=3)
-  parser.add_argument("--matmul-size", type=int, default=None,
+  parser.add_argument("--warmup_steps", type=int, default=3)
+  parser.add_argument("--matmul_size", type=int, default=None,
                       help=f"side of the ceiling's square matmul (default: {CPU_MATMUL_SIZE} on "
                            f"CPU, {ACCELERATOR_MATMUL_SIZE} on accelerators)")
-  parser.add_argument("--matmul-reps", type=int, default=20)
-  parser.add_argument("--layer-impl", choices=LAYER_IMPLS, default="auto",
+  parser.add_argument("--matmul_reps", type=int, default=20)
+  parser.add_argument("--layer_impl", choices=LAYER_IMPLS, default="auto",
                       help="our layers: tuned (1x1 convs as matmuls, ...), plain, auto "
                            "(tuned on CPU)")
-  parser.add_argument("--no-compare-plain", dest="compare_plain", action="store_false",
+  parser.add_argument("--no_compare_plain", dest="compare_plain", action="store_false",
                       help="skip timing the plain path (layer_impl=plain)")
-  parser.add_argument("--compare-torch", action="store_true",
+  parser.add_argument("--compare_torch", action="store_true",
                       help="also time torchvision's model (needs torch and torchvision)")
   parser.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
   args = parser.parse_args(argv)
   if min(args.steps, args.matmul_reps, args.matmul_size or 1) < 1 or args.warmup_steps < 0:
-    parser.error("--steps, --matmul-reps and --matmul-size must be >= 1, --warmup-steps >= 0")
+    parser.error("--steps, --matmul_reps and --matmul_size must be >= 1, --warmup_steps >= 0")
   if args.compare_torch and not torch_reference.torch_available():
-    parser.error("--compare-torch needs torch and torchvision: pip install torch torchvision")
+    parser.error("--compare_torch needs torch and torchvision: pip install torch torchvision")
   config = benchmark_config(args.model, batch_size=args.batch_size, image_size=args.image_size,
                             dtype=args.dtype, parallelism=args.parallelism,
                             num_train_steps=1 + args.warmup_steps + args.steps)

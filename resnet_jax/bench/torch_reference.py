@@ -1,4 +1,4 @@
-"""torchvision's ResNet train step, timed as a reference for `bench.throughput --compare-torch`.
+"""torchvision's ResNet train step, timed as a reference for `bench.throughput --compare_torch`.
 
 The same model, batch and image size as ours, trained the usual PyTorch way: SGD with
 momentum 0.9 and weight decay 1e-4, cross-entropy, `zero_grad`/`backward`/`step`. Float32

@@ -21,7 +21,6 @@ workdir, so a re-run only does what is missing.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ import jax
 import ml_collections
 
 from configs import cifar10_folder, finetune_folder
+from resnet_jax import cli
 from resnet_jax import data, linear_probe, malloc_tuning, pretrained
 from resnet_jax.bench import write_json
 from resnet_jax.training import loop, reporting
@@ -138,8 +138,7 @@ def plot(runs: dict[str, str], path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m resnet_jax.bench.transfer",
-                                   description=__doc__.split("\n\n")[0])
+  parser = cli.parser_for("resnet_jax.bench.transfer", __doc__)
   parser.add_argument("--cifar_dir", required=True, help="the folder holding train/<class>/")
   parser.add_argument("--workdir", default="runs/transfer")
   parser.add_argument("--pretrain_steps", type=int, default=2000)
