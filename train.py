@@ -13,12 +13,15 @@ FLOPs, collectives and an estimated step time (resnet_jax/bench/dry_run.py).
 import dataclasses
 import os
 import pathlib
+import sys
 
 if __name__ == "__main__":  # first, before JAX: this may start the program again
   from resnet_jax.malloc_tuning import reexec_with_malloc_tuning
   reexec_with_malloc_tuning()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data is only the input pipeline here.
+if "--verbose" in sys.argv:  # before TensorFlow loads: its loading messages too
+  os.environ["RESNET_JAX_VERBOSE"] = "1"
 # tf.data needs no Keras, yet `import tensorflow` imports Keras 3 (and scikit-learn through
 # it), ~1.5 s of every start. With this set TensorFlow looks for the legacy tf_keras package
 # instead, which is not installed, and imports no Keras at all.
@@ -49,6 +52,8 @@ try:  # config_flags applies --config.KEY overrides to the default config here, 
       "Training config file; override any key with --config.KEY=VALUE.", lock_config=True)
 except (AttributeError, KeyError) as e:
   raise SystemExit(unknown_key_error(e)) from None
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show INFO logs and TensorFlow's loading messages (hidden by default).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits",
                                "Directory for checkpoints, metrics.jsonl, TensorBoard and plots.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -119,7 +124,7 @@ def plan(config: ml_collections.ConfigDict) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.INFO if _VERBOSE.value else logging.WARNING)
   if _SIMULATE_DEVICES.value and not _DRY_RUN.value:
     raise SystemExit(f"error: --simulate_devices={_SIMULATE_DEVICES.value} needs --dry_run: "
                      "simulated devices can compile the step but not train it")

@@ -23,7 +23,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
+
+from resnet_jax.data import quiet_tensorflow
+
+quiet_tensorflow.import_tensorflow()
+import tensorflow as tf  # noqa: E402
 
 from resnet_jax import cli
 from resnet_jax import pretrained

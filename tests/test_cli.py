@@ -2,11 +2,15 @@
 them, options documented with underscores, the hyphenated spelling read as the same option."""
 
 import importlib
+import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
-from resnet_jax import cli
+from resnet_jax import cli, faults
+from resnet_jax.data import quiet_tensorflow
 
 TOOLS = ["convert", "export", "faults", "linear_probe", "predict", "summary", "analysis",
          "bench.checkpoint", "bench.compile_time", "bench.degradation", "bench.dry_run",
@@ -38,3 +42,16 @@ def test_a_hyphenated_option_is_read_as_the_underscored_one():
     assert (args.top_k, args.image_size, args.images) == (3, 32, ["a-b.png"])
   with pytest.raises(SystemExit):  # an unknown option stays unknown in either spelling
     parser.parse_args(["--top-kk", "3"])
+
+
+def test_a_train_py_start_prints_no_tensorflow_loading_lines(tmp_path, digits_data_dir):
+  result = subprocess.run(
+      [sys.executable, "train.py", f"--workdir={tmp_path}", f"--config.data_dir={digits_data_dir}",
+       "--config.model=resnet8", "--config.num_train_steps=1", "--config.batch_size=32",
+       "--config.progress_bar=False"], cwd=pathlib.Path(__file__).resolve().parent.parent,
+      env=faults.cpu_env(1), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith("Starting resnet8 on digits from scratch")
+  noise = [line for line in (result.stdout + result.stderr).splitlines()
+           if quiet_tensorflow.NOISE.search(line)]
+  assert noise == [] and len(result.stderr.strip().splitlines()) <= 1, result.stderr
