@@ -71,5 +71,8 @@ def test_input_transform_without_mixing_gives_normalised_images_and_one_hot_targ
     x, targets = transform.train_inputs(jax.random.key(0), images, labels, 5)
     np.testing.assert_allclose(x, device_ops.normalize(images, (0.5,) * 3, (0.25,) * 3))
     np.testing.assert_array_equal(targets, jax.nn.one_hot(labels, 5))
-  x = device_ops.InputTransform().eval_images(images)  # no mean/std: cast only
-  np.testing.assert_array_equal(x, images.astype(jnp.float32))
+  assert images.dtype == jnp.uint8
+  x = device_ops.InputTransform().eval_images(images)  # no mean/std: pixels in [0, 1]
+  np.testing.assert_allclose(x, images.astype(jnp.float32) / 255, rtol=1e-6)
+  floats = images.astype(jnp.float32) / 7
+  np.testing.assert_array_equal(device_ops.InputTransform().eval_images(floats), floats)

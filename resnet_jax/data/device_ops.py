@@ -50,9 +50,12 @@ def cutmix(key: jax.Array, images: jax.Array, targets: jax.Array, alpha: float
 
 @dataclasses.dataclass(frozen=True)
 class InputTransform:
-  """How the step turns a uint8 batch into model inputs and soft targets.
+  """How the step turns a batch of images into model inputs and soft targets.
 
-  Without `mean` and `std` the images are taken as model inputs already (cast to `dtype`).
+  Images are uint8 pixels, 0–255, [batch, H, W, C]. With `mean` and `std` (per channel, in
+  the units of pixels scaled to [0, 1], e.g. ImageNet's (0.485, 0.456, 0.406) and (0.229,
+  0.224, 0.225)) the model sees (x / 255 − mean) / std. Without them it sees x / 255, in
+  [0, 1]; float images are taken as model inputs already and only cast to `dtype`.
   """
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
@@ -63,6 +66,8 @@ class InputTransform:
 
   def eval_images(self, images: jax.Array) -> jax.Array:
     if self.mean is None:
+      if images.dtype == jnp.uint8:
+        return images.astype(self.dtype) / jnp.asarray(255, self.dtype)
       return images.astype(self.dtype)
     return normalize(images, self.mean, self.std, self.dtype)
 
