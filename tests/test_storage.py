@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from resnet_jax import export, faults, pretrained
+from resnet_jax import export, faults, linear_probe, pretrained
 from resnet_jax.storage import paths
 from resnet_jax.training import loop, reporting
 from short_run import digit_folder, short_digits_config
@@ -49,8 +49,8 @@ def test_a_bucket_workdir_trains_resumes_and_holds_every_file_with_nothing_local
   assert (root / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_predict_export_and_init_from_read_a_checkpoint_in_a_bucket(local_bucket,
-                                                                    digits_data_dir, tmp_path):
+def test_export_linear_probe_and_init_from_read_a_checkpoint_in_a_bucket(
+    local_bucket, digits_data_dir, tmp_path, capsys):
   config = short_digits_config(digits_data_dir)
   workdir = f"{local_bucket.url}/to_predict"
   loop.train_and_evaluate(config, workdir)
@@ -63,6 +63,12 @@ def test_predict_export_and_init_from_read_a_checkpoint_in_a_bucket(local_bucket
   assert exported.info.model == "resnet8"
   images = np.zeros((2, *export.input_shape(weights.info)[1:]), np.uint8)
   assert exported.exported.call(images).shape == (2, weights.info.num_classes)
+
+  capsys.readouterr()
+  linear_probe.main(["--checkpoint", workdir, "--dataset", "digits", "--data_dir",
+                     digits_data_dir, "--shots", "1", "--num_seeds", "1"])
+  probed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert set(probed) == {"probe/1shot_accuracy"} and 0 <= probed["probe/1shot_accuracy"] <= 1
 
   config.init_from = workdir
   assert loop.load_init_weights(config).info == weights.info
