@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -91,20 +92,29 @@ def ridge_accuracy(train: Features, test: Features, num_classes: int,
 
 def few_shot_accuracies(train: Features, test: Features, num_classes: int, *,
                         shots: Sequence[int] = DEFAULT_SHOTS, num_seeds: int = 3,
-                        l2_reg: float = DEFAULT_L2_REG) -> dict[int, float]:
+                        l2_reg: float = DEFAULT_L2_REG,
+                        class_names: Sequence[str] = ()) -> dict[int, float]:
   """{k: mean accuracy over `num_seeds` draws of k training examples per class}.
 
-  Raises ValueError when a class has fewer than k training examples.
+  A k larger than the smallest class's training examples is left out with a warning naming
+  that class (`class_names`, else its index); ValueError when no k is left, or one is < 1.
   """
   counts = np.bincount(train.labels, minlength=num_classes)
-  if min(shots) < 1 or max(shots) > counts.min():
+  smallest = int(np.argmin(counts))
+  name = class_names[smallest] if class_names else f"class {smallest}"
+  fitting = [k for k in shots if k <= counts[smallest]]
+  if min(shots) < 1 or not fitting:
     raise ValueError(f"shots={tuple(shots)}: each must be between 1 and the smallest class's "
-                     f"{counts.min()} training examples (class {int(np.argmin(counts))})")
-  results = {k: [] for k in shots}
+                     f"{counts[smallest]} training examples ({name})")
+  if len(fitting) < len(shots):
+    logging.warning("Leaving out the %s-shot probes: the smallest class, %s, has %d training "
+                    "examples", ",".join(str(k) for k in shots if k not in fitting), name,
+                    counts[smallest])
+  results = {k: [] for k in fitting}
   for seed in range(num_seeds):
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(train.labels == c)) for c in range(num_classes)]
-    for k in shots:
+    for k in fitting:
       chosen = np.concatenate([indices[:k] for indices in per_class])
       subset = Features(train.features[chosen], train.labels[chosen])
       results[k].append(ridge_accuracy(subset, test, num_classes, l2_reg))
@@ -119,7 +129,7 @@ def probe(model: ResNet, variables: dict[str, Any], info: data.DatasetInfo, *, i
                                   preprocessing=preprocessing, batch_size=batch_size)
                  for split in ("train", "eval"))
   accuracies = few_shot_accuracies(train, test, info.num_classes, shots=shots,
-                                   num_seeds=num_seeds)
+                                   num_seeds=num_seeds, class_names=info.class_names)
   return {f"probe/{k}shot_accuracy": v for k, v in accuracies.items()}
 
 

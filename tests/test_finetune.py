@@ -191,8 +191,20 @@ def test_ridge_probe_separates_separable_features():
   test = linear_probe.Features(features[1::2], labels[1::2])
   accuracies = linear_probe.few_shot_accuracies(train, test, 4, shots=(1, 5, 15))
   assert accuracies[15] == 1.0 and accuracies[5] >= 0.95
-  with pytest.raises(ValueError, match="smallest class's 15 training examples"):
-    linear_probe.few_shot_accuracies(train, test, 4, shots=(16,))
+  with pytest.raises(ValueError, match=r"smallest class's 15 training examples \(cats\)"):
+    linear_probe.few_shot_accuracies(train, test, 4, shots=(16,),
+                                     class_names=("cats", "dogs", "owls", "yaks"))
+
+
+def test_probes_with_more_shots_than_the_smallest_class_are_left_out_with_a_note(caplog):
+  rng = np.random.default_rng(0)
+  labels = np.array([0] * 3 + [1] * 10)
+  train = linear_probe.Features(rng.normal(size=(13, 4)), labels)
+  with caplog.at_level("WARNING"):
+    accuracies = linear_probe.few_shot_accuracies(train, train, 2, shots=(1, 3, 5, 10),
+                                                  class_names=("rare", "common"))
+  assert set(accuracies) == {1, 3}
+  assert "Leaving out the 5,10-shot probes: the smallest class, rare, has 3" in caplog.text
 
 
 def test_linear_probe_command_prints_the_few_shot_accuracies(trained_folder_run):
