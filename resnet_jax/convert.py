@@ -25,9 +25,8 @@ except ImportError:
 
 import safetensors.numpy
 
-from resnet_jax import cli
-from resnet_jax import pretrained
-from resnet_jax.interop import TORCHVISION_MODELS, from_state_dict
+from resnet_jax import cli, pretrained
+from resnet_jax.interop import TORCHVISION_MODELS, StateDictMismatch, from_state_dict
 from resnet_jax.storage import paths
 
 TORCH_EXTENSIONS = (".pth", ".pt")
@@ -122,9 +121,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="a torchvision state dict: .pth, .pt or .safetensors")
   parser.add_argument("--out", required=True, metavar="DIR", help="a new directory")
   parser.add_argument("--class_names", metavar="FILE", help="one class name per line")
+  parser.add_argument("--verbose", action="store_true",
+                      help="with a state dict that does not fit, list every difference")
   args = parser.parse_args(argv)
   try:
     info = convert(args.from_torchvision, args.weights, args.out, args.class_names)
+  except StateDictMismatch as e:
+    details = "".join(f"\n  {problem}" for problem in e.problems) if args.verbose else (
+        " (--verbose lists them)")
+    parser.exit(2, f"error: {e}{details}\n")
   except (ValueError, OSError) as e:
     parser.exit(2, f"error: {e}\n")
   names = f"{len(info.class_names)} class names" if info.class_names else "numbered classes"

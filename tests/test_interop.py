@@ -12,6 +12,7 @@ except ImportError:
 
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,8 @@ import pytest
 import safetensors.numpy
 
 from resnet_jax import convert, pretrained
-from resnet_jax.interop import TORCHVISION_MODELS, from_state_dict, to_state_dict
+from resnet_jax.interop import (TORCHVISION_MODELS, StateDictMismatch, from_state_dict,
+                                to_state_dict)
 from resnet_jax.models import create_model
 from torchvision_weights import (
     fingerprint, random_images, random_state_dict, torchvision_logits)
@@ -113,9 +115,10 @@ def test_mismatched_state_dict_lists_every_bad_key_in_torchvision_names():
   del state_dict["layer1.0.conv1.weight"]
   state_dict["layer5.0.conv1.weight"] = np.zeros((3, 3, 3, 3), np.float32)
   state_dict["layer2.0.downsample.1.weight"] = np.zeros(3, np.float32)
-  with pytest.raises(ValueError) as error:
+  expected = "3 keys missing, unexpected or mis-shaped; its keys and shapes match no torchvision"
+  with pytest.raises(StateDictMismatch, match=expected) as error:
     from_state_dict("resnet18", state_dict)
-  message = str(error.value)
+  message = "\n".join(error.value.problems)
   assert "missing layer1.0.conv1.weight (64, 64, 3, 3)" in message
   assert "unexpected layer5.0.conv1.weight (3, 3, 3, 3)" in message
   assert "mis-shaped layer2.0.downsample.1.weight: expected (128,), got (3,)" in message
@@ -186,7 +189,7 @@ def resnet18_safetensors(tmp_path_factory) -> str:
     ("missing_file", "no such file"),
     ("unknown_extension", "unknown extension '.bin'"),
     ("corrupt_file", "could not read"),
-    ("wrong_model", "does not fit torchvision's resnet34"),
+    ("wrong_model", "does not fit torchvision's resnet34 with 10 classes: "),
     ("unknown_model", "Did you mean resnet18"),
     ("existing_out", "already exists"),
     ("class_name_count", "names 2 classes but the weights have 10"),
@@ -213,6 +216,22 @@ def test_convert_bad_input_is_an_error_line_with_exit_code_2(
   assert exit_info.value.code == 2
   error = capsys.readouterr().err
   assert error.startswith("error: ") and expected in error, error
+  assert len(error.strip().splitlines()) == 1, error
+
+
+def test_a_state_dict_of_another_model_names_it_and_lists_details_with_verbose(
+    resnet18_safetensors, tmp_path, capsys):
+  args = ["--from_torchvision", "resnet50", "--weights", resnet18_safetensors,
+          "--out", str(tmp_path / "out")]
+  for verbose in (False, True):
+    with pytest.raises(SystemExit):
+      convert.main(args + ["--verbose"] * verbose)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert re.match(r"error: The state dict does not fit torchvision's resnet50 with 10 "
+                    r"classes: \d+ keys missing, unexpected or mis-shaped; its keys and shapes "
+                    r"are those of resnet18 \(--verbose lists them\)$" if not verbose else
+                    r"error: .* are those of resnet18$", error[0]), error[0]
+    assert (len(error) > 10) == verbose
   assert not os.path.exists(tmp_path / "out")
 
 

@@ -113,13 +113,29 @@ def _num_classes(head_kernel: Any, axis: int) -> int | None:
   return shape[axis] if len(shape) == 2 else None
 
 
+class StateDictMismatch(ValueError):
+  """A state dict that does not fit the model: one line, and every difference in `problems`."""
+
+  def __init__(self, message: str, problems: list[str]):
+    super().__init__(message)
+    self.problems = problems
+
+
+def matching_models(state_dict: Mapping[str, Any], num_classes: int | None) -> list[str]:
+  """The torchvision ResNets whose keys and shapes `state_dict` fits exactly."""
+  weights = {k: v for k, v in state_dict.items() if not k.endswith(f".{_COUNTER}")}
+  return [name for name in TORCHVISION_MODELS
+          if not variable_mismatches(_layout(name, num_classes).torch_shapes, weights)]
+
+
 def from_state_dict(name: str, state_dict: Mapping[str, Any]) -> dict[str, PyTree]:
   """{"params", "batch_stats"} of registry model `name` from a torchvision state dict.
 
   Values may be NumPy arrays or torch tensors; they are cast to the model's param dtype.
   The class count comes from `fc.weight`. Keys may all carry DDP's "module." prefix;
   `num_batches_tracked` entries are ignored. Raises ValueError for an unknown model
-  (with close matches) or listing every missing, unexpected and mis-shaped key.
+  (with close matches), or StateDictMismatch: how many keys differ, which torchvision
+  ResNet the shapes do fit, and every missing, unexpected and mis-shaped key in `problems`.
   """
   if state_dict and all(k.startswith(_DDP_PREFIX) for k in state_dict):
     state_dict = {k[len(_DDP_PREFIX):]: v for k, v in state_dict.items()}
@@ -128,8 +144,12 @@ def from_state_dict(name: str, state_dict: Mapping[str, Any]) -> dict[str, PyTre
   problems = variable_mismatches(layout.torch_shapes, weights)
   if problems:
     classes = layout.variables["params"]["fc"]["kernel"].shape[-1]
-    raise ValueError(f"The state dict does not fit torchvision's {name} with {classes} "
-                     "classes (keys named as in torchvision):\n  " + "\n  ".join(problems))
+    fits = matching_models(state_dict, _num_classes(state_dict.get("fc.weight"), axis=0))
+    seems = (f"its keys and shapes are those of {' or '.join(fits)}" if fits else
+             "its keys and shapes match no torchvision ResNet")
+    raise StateDictMismatch(
+        f"The state dict does not fit torchvision's {name} with {classes} classes: "
+        f"{len(problems)} keys missing, unexpected or mis-shaped; {seems}", problems)
   flat = {}
   for entry in layout.entries:
     value = np.transpose(_to_numpy(weights[entry.key]), np.argsort(entry.to_torch_axes))
