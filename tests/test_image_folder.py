@@ -145,7 +145,8 @@ def test_unreadable_files_are_skipped_with_warnings_naming_them_and_a_count(tmp_
   assert info.num_train_examples + info.num_eval_examples == 9
 
 
-def test_an_unchanged_folder_is_not_prepared_again_and_a_changed_one_is(tmp_path, caplog):
+def test_an_unchanged_folder_is_not_prepared_again_and_a_changed_one_is(tmp_path, caplog,
+                                                                        capsys):
   write_folder(tmp_path, {"a": 4, "b": 4})
   data_dir = str(tmp_path / "tfds")
   first = data.get_dataset_info(f"folder:{tmp_path}", data_dir)
@@ -156,9 +157,15 @@ def test_an_unchanged_folder_is_not_prepared_again_and_a_changed_one_is(tmp_path
   assert again.builder_dir == first.builder_dir
 
   write_folder(tmp_path, {"b": 6}, seed=1)  # two more files in b, and new bytes for 4 files
-  changed = data.get_dataset_info(f"folder:{tmp_path}", data_dir)
+  with caplog.at_level(logging.WARNING):
+    changed = data.get_dataset_info(f"folder:{tmp_path}", data_dir)
   assert changed.builder_dir != first.builder_dir
   assert changed.num_train_examples + changed.num_eval_examples == 10
+  assert re.search(rf"Preparing folder {re.escape(str(tmp_path))} \(10 images, 0\.\d MB\)",
+                   caplog.text)
+  earlier = os.path.dirname(first.builder_dir)  # the earlier state's copy, once the new is done
+  assert not os.path.exists(earlier) and f"Removed {earlier}" in caplog.text
+  assert "Downloading and preparing" not in capsys.readouterr().out  # tfds' line, for a download
   rewritten = os.path.join(tmp_path, "train", "a", "000_jpeg.jpg")
   os.utime(rewritten, ns=(0, 0))  # same size, new mtime: prepared again
   assert data.get_dataset_info(f"folder:{tmp_path}", data_dir).builder_dir not in (

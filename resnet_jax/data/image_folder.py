@@ -8,7 +8,8 @@ Classes are the sorted names of the train folders. Without val/ or test/, the la
 as the `holdout` split. Preparing copies every readable file's bytes as they are (no
 re-encoding) into a tfds dataset under `data_dir/folder_images/`, named by a fingerprint
 of the file list (paths, sizes, versions) and the hold-out, so a changed folder is prepared
-again and an unchanged one never is. Preparing is where each file is decoded once with the decoder
+again (and, once that copy is complete, the copy of its earlier state is deleted) and an
+unchanged one never is. Preparing is where each file is decoded once with the decoder
 training uses: an unreadable file is skipped with a warning naming it and a count at the
 end, so nothing fails mid-epoch and nothing is dropped silently. The folder and the data dir
 may each be local or in a bucket (`storage.paths`).
@@ -31,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
+from etils import epath
 from jax.experimental import multihost_utils
 
 from resnet_jax.storage import paths
@@ -57,6 +59,7 @@ class FolderListing:
   eval_split: str  # "val", "test", or "holdout": held out of train when preparing
   ignored_files: tuple[str, ...]  # not images by their extension
   fingerprint: str
+  image_bytes: int  # of all the image files
 
 
 def _folder_tree(root: str) -> dict[str, dict[str, list[paths.Entry]]]:
@@ -94,9 +97,11 @@ def scan(root: str, holdout_fraction: float) -> FolderListing:
   class_names = tuple(sorted(tree["train"]))
   label_of = {name: label for label, name in enumerate(class_names)}
   ignored: list[str] = []
+  image_bytes = 0
   fingerprint = hashlib.sha256(json.dumps([_FORMAT_VERSION, holdout_fraction]).encode())
 
   def list_split(split: str) -> list[tuple[str, int]]:
+    nonlocal image_bytes
     split_dir = f"{root}/{split}"
     unknown = sorted(set(tree[split]) - set(class_names))
     if unknown:
@@ -111,6 +116,7 @@ def scan(root: str, holdout_fraction: float) -> FolderListing:
         raise ValueError(f"Class folder {split_dir + '/' + name!r} has no images "
                          f"({' '.join(IMAGE_EXTENSIONS)}); add images or remove it.")
       for entry in images:
+        image_bytes += entry.size
         fingerprint.update(f"{entry.path[len(root) + 1:]}\0{entry.size}\0"
                            f"{entry.version}\n".encode())
         files.append((entry.path, label_of[name]))
@@ -124,7 +130,7 @@ def scan(root: str, holdout_fraction: float) -> FolderListing:
       splits[split] = list_split(split)
   eval_split = next((s for s in EVAL_FOLDERS if s in splits), HOLDOUT_SPLIT)
   return FolderListing(root, class_names, holdout_fraction, splits, eval_split,
-                       tuple(ignored), fingerprint.hexdigest())
+                       tuple(ignored), fingerprint.hexdigest(), image_bytes)
 
 
 def _hold_out(files: list[tuple[str, int]], fraction: float
@@ -220,6 +226,13 @@ class FolderImages(tfds.core.GeneratorBasedBuilder):
     self._listing, self._readable = listing, readable
     super().__init__(config=config, file_format="tfrecord", **kwargs)
 
+  def _log_download_bytes(self) -> None:
+    """Nothing: tfds' "Downloading and preparing dataset Unknown size" fits no local folder;
+    `prepared_builder_dir` says what it prepares."""
+
+  def _log_download_done(self) -> None:
+    """Nothing (see `_log_download_bytes`)."""
+
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=f"Images of {self._listing.root}",
@@ -285,6 +298,22 @@ def _check_and_report(listing: FolderListing) -> tuple[dict[str, list[tuple[str,
   return readable, int(np.median(short_sides))
 
 
+def remove_earlier_preparations(builder_dir: epath.Path, listing: FolderListing) -> list[str]:
+  """Deletes the other complete preparations of the folder beside `builder_dir` with the
+  same hold-out (its earlier states, each a config of FolderImages); returns them."""
+  config_dir, same = builder_dir.parent, {"root": listing.root,
+                                          "holdout_fraction": listing.holdout_fraction}
+  removed = []
+  for other in config_dir.parent.iterdir():
+    if other.name == config_dir.name or not other.is_dir():
+      continue
+    if any({k: json.loads(facts.read_text()).get(k) for k in same} == same
+           for facts in other.glob(f"*/{FACTS_FILE}")):
+      other.rmtree()
+      removed.append(os.fspath(other))
+  return removed
+
+
 def prepared_builder_dir(root: str, data_dir: str | None,
                          holdout_fraction: float) -> tuple[str, FolderListing, dict]:
   """Prepares the folder if its current state is not prepared yet; returns where it is.
@@ -308,16 +337,21 @@ def prepared_builder_dir(root: str, data_dir: str | None,
       if facts_path.exists():
         return
       total = sum(len(files) for files in listing.splits.values())
-      logging.warning("Preparing image folder %s (%d files) into %s; this happens once for "
-                      "each state of the folder.", listing.root, total, builder_dir)
+      logging.warning("Preparing folder %s (%d images, %.1f MB) into %s; once for each state "
+                      "of the folder.", listing.root, total, listing.image_bytes / 1e6,
+                      builder_dir)
       readable, native_size = _check_and_report(listing)
       quiet_builder(FolderImages, listing, readable, data_dir=data_dir).download_and_prepare()
-      facts = {"root": listing.root, "native_image_size": native_size,
+      facts = {"root": listing.root, "holdout_fraction": listing.holdout_fraction,
+               "native_image_size": native_size,
                "eval_split": listing.eval_split,
                "skipped_files": sorted({p for files in listing.splits.values() for p, _ in files}
                                        - {p for files in readable.values() for p, _ in files})}
       # Written last: marks the dataset complete.
       paths.write_atomically(facts_path, json.dumps(facts, indent=1))
+      for earlier in remove_earlier_preparations(builder_dir, listing):
+        logging.warning("Removed %s, the preparation of an earlier state of %s", earlier,
+                        listing.root)
 
   if jax.process_count() > 1:
     if jax.process_index() == 0:
