@@ -19,9 +19,10 @@ if __name__ == "__main__":  # first, before JAX: this may start the program agai
   from resnet_jax.malloc_tuning import reexec_with_malloc_tuning
   reexec_with_malloc_tuning()
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data is only the input pipeline here.
-if "--verbose" in sys.argv:  # before TensorFlow loads: its loading messages too
+if "--verbose" in sys.argv:  # before TensorFlow and XLA load: their loading messages too
   os.environ["RESNET_JAX_VERBOSE"] = "1"
+else:  # tf.data is only the input pipeline here (resnet_jax sets it too, after jax loads)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # tf.data needs no Keras, yet `import tensorflow` imports Keras 3 (and scikit-learn through
 # it), ~1.5 s of every start. With this set TensorFlow looks for the legacy tf_keras package
 # instead, which is not installed, and imports no Keras at all.

@@ -11,6 +11,11 @@ fsspec's bucket filesystems cache directory listings, one cache per thread (and 
 a listing could still show a checkpoint that another thread or host has since moved or
 written: orbax, which saves from worker threads, then fails to delete a folder that is gone.
 The cache is switched off for gs:// and s3:// (a value the user configured wins).
+
+TensorFlow (only the input pipeline here) and XLA log INFO and WARNING lines from C++, such
+as "Local rendezvous is aborting" for an image the tools then report themselves; their
+threshold, TF_CPP_MIN_LOG_LEVEL, is read once, when the first of jaxlib and TensorFlow
+loads, so it is set here (to 2, errors only; unless set, or RESNET_JAX_VERBOSE=1).
 """
 
 import os
@@ -18,6 +23,8 @@ import os
 import fsspec.config
 
 os.environ.setdefault("EPATH_USE_TF", "false")
+if os.environ.get("RESNET_JAX_VERBOSE") != "1":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 for _protocol in ("gcs", "s3"):
   fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 

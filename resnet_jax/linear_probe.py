@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -134,7 +133,6 @@ def probe(model: ResNet, variables: dict[str, Any], info: data.DatasetInfo, *, i
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads (lazily)
   parser = cli.parser_for("resnet_jax.linear_probe", __doc__)
   parser.add_argument("--checkpoint", required=True,
                       help="a train.py workdir, one of its checkpoints, or converted weights")

@@ -108,6 +108,16 @@ def test_predict_prints_sorted_top_k_per_image_and_an_error_line_per_unreadable_
   assert "notes.txt" not in out + err  # folders are searched by image extension
 
 
+def test_predict_run_as_a_program_prints_only_its_own_error_lines_on_stderr(weights_dir, images):
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's
+  result = subprocess.run([sys.executable, "-m", "resnet_jax.predict", "--checkpoint",
+                           weights_dir, images], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == len(BAD) and all(line.startswith("error: ") for line in lines), lines
+
+
 def test_explicit_files_are_tried_whatever_their_extension(weights_dir, images, tmp_path):
   renamed = str(tmp_path / "photo.data")
   shutil.copy(os.path.join(images, "big_photo.jpg"), renamed)

@@ -162,7 +162,6 @@ def spread(rows: list[dict[str, Any]], label: str, column: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   parser = cli.parser_for("resnet_jax.analysis", __doc__)
   commands = parser.add_subparsers(dest="command", required=True)
   for name, help_text in (("gradient-flow", "norms of ∂L/∂(block input) and ∂L/∂(block params)"),
