@@ -97,3 +97,13 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_new_workdir(tmp_path
   with pytest.raises(ValueError, match="larger than the"):
     loop.train_and_evaluate(config, existing)
   assert existing.is_dir()  # the user's folder stays
+
+
+def test_a_key_the_record_predates_does_not_block_a_resume(tmp_path, digits_data_dir):
+  workdir = paths.resolve(tmp_path)
+  config = short_digits_config(digits_data_dir)
+  recorded = run_record.as_dict(config)
+  del recorded["label_smoothing"]  # as written by a version without the key
+  (workdir / "config.json").write_text(json.dumps(recorded))
+  changes = run_record.check_config(workdir, config, resuming=True)
+  assert changes == {"label_smoothing": [None, 0.0]}

@@ -101,8 +101,11 @@ def check_config(workdir: epath.Path, config: ml_collections.ConfigDict, resumin
   previous = recorded_config(workdir)
   if previous is None:
     return {}
-  changes = differences(previous, as_dict(config))
-  blocking = result_changing(changes, config)
+  current = as_dict(config)
+  changes = differences(previous, current)
+  # A key that only one side has came or went with the code, not with the user's command.
+  blocking = {key: change for key, change in result_changing(changes, config).items()
+              if key in previous and key in current}
   if resuming and blocking and not config.allow_config_change:
     listed = "; ".join(f"{key} {old!r} → {new!r}" for key, (old, new) in blocking.items())
     extend = ""
