@@ -155,3 +155,12 @@ def test_the_checkpoint_benchmark_restores_what_it_saved_and_times_async_saves(l
                                       workdir=str(tmp_path), target="local disk")
   assert pretrained.finished_steps(paths.resolve(tmp_path) / "checkpoints") == [2, 4]
   assert overhead.steps == 4 and overhead.checkpoint_step_s > 0 and overhead.baseline_step_s > 0
+
+
+def test_a_tilde_in_a_run_path_is_the_home_directory(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.chdir(tmp_path)
+  assert os.fspath(paths.resolve("~/weights")) == str(tmp_path / "home" / "weights")
+  workdir = loop.prepare_workdir("~/runs/x")
+  assert os.fspath(workdir) == str(tmp_path / "home" / "runs" / "x") and workdir.is_dir()
+  assert not (tmp_path / "~").exists()  # no folder literally named ~
