@@ -1,6 +1,7 @@
 """One flag style across the `python -m resnet_jax.*` tools: usage lines that say how to run
 them, options documented with underscores, the hyphenated spelling read as the same option."""
 
+import argparse
 import importlib
 import pathlib
 import re
@@ -19,9 +20,16 @@ TOOLS = ["convert", "export", "faults", "linear_probe", "predict", "summary", "a
 
 
 @pytest.mark.parametrize("tool", TOOLS)
-def test_every_tool_says_how_to_run_it_and_documents_underscored_options(tool, capsys):
+def test_every_tool_says_how_to_run_it_and_documents_underscored_options(tool, capsys,
+                                                                         monkeypatch):
   module = importlib.import_module(f"resnet_jax.{tool}" + (".__main__" if tool == "analysis"
                                                           else ""))
+  parse = argparse.ArgumentParser.parse_known_args
+
+  def only_through_cli(self, *args, **kwargs):  # so that --top-k reads as --top_k everywhere
+    assert isinstance(self, cli.ArgumentParser), f"{tool} parses without resnet_jax.cli"
+    return parse(self, *args, **kwargs)
+  monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", only_through_cli)
   with pytest.raises(SystemExit) as exit_info:
     module.main(["--help"])
   assert exit_info.value.code == 0
