@@ -259,18 +259,27 @@ def _stopped_at(result: subprocess.CompletedProcess) -> int | None:
   return int(found.group(2)) if found else None
 
 
+def _stop_by_sigterm(runs: Runs, workdir: str, first_step: int, processes: int,
+                     hosts_dir: str = "") -> tuple[list[subprocess.CompletedProcess], int | None]:
+  """Starts the run, sends SIGTERM to its last process once it trains past `first_step`, and
+  waits for every process: what they returned, and the step they stopped after (None unless
+  all exited 0 and process 0 reported the stop)."""
+  started = runs.start(workdir, processes=processes, hosts_dir=hosts_dir)
+  _wait_for_step(workdir, first_step, started[0])
+  started[-1].send_signal(signal.SIGTERM)
+  stopped = finish(started)
+  step = _stopped_at(stopped[0])
+  return stopped, None if any(r.returncode != 0 for r in stopped) else step
+
+
 def sigterm(runs: Runs, processes: int = 1) -> tuple[str, bool]:
   """SIGTERM to the last process once it trains, then the same command again."""
   workdir, first_step = runs.path(f"sigterm_{processes}"), 0
   if processes > 1:  # the multi-process run continues the reference from step 10
     first_step = HALF
     runs.reference_until(workdir, first_step)
-  started = runs.start(workdir, processes=processes)
-  _wait_for_step(workdir, first_step, started[0])
-  started[-1].send_signal(signal.SIGTERM)
-  stopped = finish(started)
-  step = _stopped_at(stopped[0])
-  if any(r.returncode != 0 for r in stopped) or step is None:
+  stopped, step = _stop_by_sigterm(runs, workdir, first_step, processes)
+  if step is None:
     return _failure(stopped), False
   saved = checkpoint_steps(workdir)
   resumed = finish(runs.start(workdir, processes=processes))
@@ -287,12 +296,9 @@ def sigterm_to_hosts_sharing_a_bucket(runs: Runs) -> tuple[str, bool]:
   layouts, so the uninterrupted run it must equal has the same layouts: 2 processes that
   end at the stop step as planned (locally), then 1 process."""
   workdir = runs.reference_until(runs.bucket_path("sigterm_hosts"), HALF)
-  started = runs.start(workdir, processes=2, hosts_dir=runs.path("sigterm_hosts"))
-  _wait_for_step(workdir, HALF, started[0])
-  started[-1].send_signal(signal.SIGTERM)
-  stopped = finish(started)
-  step = _stopped_at(stopped[0])
-  if any(r.returncode != 0 for r in stopped) or step is None:
+  stopped, step = _stop_by_sigterm(runs, workdir, HALF, processes=2,
+                                   hosts_dir=runs.path("sigterm_hosts"))
+  if step is None:
     return _failure(stopped), False
   saved = checkpoint_steps(workdir)
   uninterrupted = runs.reference_until(runs.path("sigterm_hosts_uninterrupted"), HALF)

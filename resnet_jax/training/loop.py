@@ -352,8 +352,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   says (NonFiniteError when training must stop).
   """
   validate_config(config)
+  workdir = paths.resolve(workdir)
   # A bucket has no empty folders to leave behind (and is not touched before its checks).
-  is_new = not paths.is_bucket(workdir) and not paths.resolve(workdir).exists()
+  is_new = not paths.is_bucket(workdir) and not workdir.exists()
   workdir = prepare_workdir(workdir)
   try:
     checkpoints = workdir / "checkpoints"
@@ -423,6 +424,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   eval_metrics = evaluate(exp, state) if start_step >= exp.total_steps else {}
   pending_metrics, checked, consecutive_skips = [], 0, 0
   interval_start, interval_steps, interval_eval_seconds = time.perf_counter(), 0, 0.0
+  error: BaseException | None = None  # what ends the run, if not its last step
   try:
     with preemption.StopSignal(check_every=config.log_every_steps) as stop_signal:
       for step in range(start_step + 1, exp.total_steps + 1):
@@ -489,13 +491,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                 "resume.")
           eval_metrics = {}
           break
-  except BaseException as error:  # the last good checkpoint is committed before anything exits
+  except BaseException as e:
+    error = e
+    raise
+  finally:  # also on errors: the last good checkpoint is committed before anything exits
     batches.close()  # stops the input pipeline now, not in the middle of interpreter exit
     progress.close()
     finish_writes(manager, writer, config, error)
-    raise
-  batches.close()
-  progress.close()
-  finish_writes(manager, writer, config)
   manager.close()
   return eval_metrics

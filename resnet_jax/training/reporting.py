@@ -81,8 +81,7 @@ class _BucketEventsFile:
       self._path.write_bytes(self._buffer.getvalue())
     except paths.storage_errors() as e:
       logging.warning("Could not upload the TensorBoard events to %s (%s); the next flush "
-                      "with new events tries again", self._path,
-                      str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                      "with new events tries again", self._path, paths.error_reason(e))
 
   def close(self) -> None:
     self.flush()
