@@ -49,6 +49,7 @@ class ModelInfo:
   std: tuple[float, ...] = IMAGENET_STD
   class_names: tuple[str, ...] = ()  # empty: classes are numbered
   source: str = ""  # the dataset it was trained on, or the file it was converted from
+  population_size: int = 1  # > 1: a population's checkpoint, arrays with a member axis first
 
   def create_model(self, **overrides: Any) -> ResNet:
     """The registry model these weights belong to (overrides: dtype, axis_name, ...)."""
@@ -137,13 +138,23 @@ def load_info(path: str | os.PathLike) -> ModelInfo:
     raise ValueError(f"{info_file} is not a valid model description: {e}") from None
 
 
-def load(path: str | os.PathLike) -> Pretrained:
+def load(path: str | os.PathLike, member: int | None = None) -> Pretrained:
   """Reads weights and ModelInfo from a workdir, a checkpoint or converted weights.
 
-  Raises ValueError naming the path when there is no checkpoint or it cannot be read.
+  From a population's checkpoint (`config.population_size` > 1) it reads the weights of
+  `member`, as those of a single run. Raises ValueError naming the path when there is no
+  checkpoint or it cannot be read, or a population's member is not chosen.
   """
   path = checkpoint_dir(path)
   info = load_info(path)
+  if info.population_size > 1 and member is None:
+    raise ValueError(
+        f"{path} holds a population of {info.population_size} members; take one out first: "
+        f"python -m resnet_jax.take_member {path} --member=0 --output=DIR")
+  if member is not None and not 0 <= member < info.population_size:
+    raise ValueError(f"--member={member}: {path} holds "
+                     + (f"members 0 to {info.population_size - 1}" if info.population_size > 1
+                        else "a single run, not a population"))
   is_training_checkpoint = (path / STATE_ITEM).is_dir()
   item_dir = path / (STATE_ITEM if is_training_checkpoint else VARIABLES_ITEM)
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
@@ -161,7 +172,11 @@ def load(path: str | os.PathLike) -> Pretrained:
   params = arrays.get("ema_params") or arrays.get("params")
   if params is None:
     raise ValueError(f"{item_dir} holds no params")
-  variables = scan.to_unrolled({"params": params, "batch_stats": arrays.get("batch_stats", {})})
+  variables = {"params": params, "batch_stats": arrays.get("batch_stats", {})}
+  if info.population_size > 1:
+    variables = jax.tree.map(lambda x: x[member], variables)
+    info = dataclasses.replace(info, population_size=1)
+  variables = scan.to_unrolled(variables)
   check_variables_fit(variables, info)
   logging.info("Loaded %s weights from %s", info.model, path)
   return Pretrained(variables=variables, info=info, path=path)

@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
@@ -57,10 +58,15 @@ def _arrays(state: TrainState) -> dict[str, Any]:
   return {k: v for k, v in serialization.to_state_dict(state).items() if v is not None}
 
 
+def step_of(state: TrainState) -> int:
+  """The state's step (a population's members all share it)."""
+  return int(np.asarray(jax.device_get(state.step)).flat[0])
+
+
 def save(manager: ocp.CheckpointManager, state: TrainState, data_position: dict[str, Any],
          model_info: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
   """Starts an asynchronous save of `state` (replicated layout) at its step."""
-  step = int(jax.device_get(state.step))
+  step = step_of(state)
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_arrays(state)),
                                              data=ocp.args.JsonSave(data_position),
                                              model=ocp.args.JsonSave(model_info)),

@@ -22,6 +22,7 @@ SCHEDULES = ("constant", "cosine", "step", "polynomial")
 WEIGHT_DECAY_MODES = ("l2", "decoupled")
 NAN_POLICIES = ("stop", "skip")
 WRITE_ERROR_POLICIES = ("stop", "continue")
+POPULATION_MODES = ("auto", "vmap", "loop")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -100,6 +101,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.nan_policy = "stop"
   c.max_consecutive_skips = 10
   c.seed = 0
+  c.data_seed = -1  # the input stream's order and augmentation; -1: the same as seed.
+
+  # Populations: population_size members, member i being the run with seed + i (and its own
+  # learning rate and weight decay when these lists give one per member), trained by one
+  # compiled program on the one input stream that data_seed makes (training/population.py).
+  c.population_size = 1
+  c.population_learning_rates = ()  # (): every member at learning_rate
+  c.population_weight_decays = ()  # (): every member at weight_decay
+  c.population_mode = "auto"  # "vmap", "loop" (members one after another); auto: by backend
   # Compiled programs are kept here and reused by the next run ("": no cache); JAX's own
   # JAX_COMPILATION_CACHE_DIR, when set, is the default. Whoever can write to it can run
   # code in your runs: keep it private.
@@ -179,6 +189,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "needs config.init_from (the weights whose head it replaces)")
   check(all(k >= 1 for k in config.linear_probe_shots), "linear_probe_shots",
         "every shot count must be >= 1")
+  check(config.data_seed >= -1, "data_seed", "must be >= 0, or -1 (the same as seed)")
+  check(config.population_size >= 1, "population_size", "must be >= 1")
+  one_of("population_mode", POPULATION_MODES)
+  for key in ("population_learning_rates", "population_weight_decays"):
+    values = tuple(config[key])
+    if values:
+      check(config.population_size > 1 and len(values) == config.population_size, key,
+            f"needs one value per member: {config.population_size} "
+            f"(config.population_size); for a single run set {key[len('population_'):-1]}")
+      check(all(v >= 0 for v in values), key, "every value must be >= 0")
+  check(config.population_size == 1 or not config.linear_probe_dataset, "linear_probe_dataset",
+        "linear probes are not run for populations (config.population_size > 1); probe a member "
+        "after training with python -m resnet_jax.linear_probe")
   check(config.backbone_learning_rate_scale >= 0, "backbone_learning_rate_scale",
         "must be >= 0")
   check(not (config.freeze_backbone and config.backbone_learning_rate_scale != 1.0),

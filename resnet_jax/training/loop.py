@@ -25,8 +25,8 @@ from resnet_jax.data.device_ops import InputTransform
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.models.layers import resolve_layer_impl
 from resnet_jax.storage import paths
-from resnet_jax.training import (checkpointing, optimizers, parallel, preemption, reporting,
-                                 run_record, startup, steps)
+from resnet_jax.training import (checkpointing, optimizers, parallel, population, preemption,
+                                 reporting, run_record, startup, steps)
 from resnet_jax.training.config import validate_config
 from resnet_jax.training.train_state import TrainState, create_train_state
 
@@ -100,19 +100,34 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(config.num_epochs * steps_per_epoch))
   accum = config.grad_accum_steps
-  schedule = optimizers.create_learning_rate_schedule(
-      config, steps_per_epoch=max(steps_per_epoch // accum, 1),
-      total_steps=max(total_steps // accum, 1))
-  tx = optimizers.create_optimizer(config, schedule)
-  make_state = functools.partial(
-      create_train_state, jax.random.PRNGKey(config.seed), model, tx,
-      (image_size, image_size, info.image_shape[2]), use_ema=config.ema_decay > 0,
+
+  def make_optimizer(learning_rate=None, weight_decay=None):
+    schedule = optimizers.create_learning_rate_schedule(
+        config, steps_per_epoch=max(steps_per_epoch // accum, 1),
+        total_steps=max(total_steps // accum, 1), learning_rate=learning_rate)
+    return optimizers.create_optimizer(config, schedule, weight_decay), schedule
+
+  tx, schedule = make_optimizer()
+  make_member_state = functools.partial(
+      create_train_state, model=model, tx=tx,
+      image_shape=(image_size, image_size, info.image_shape[2]), use_ema=config.ema_decay > 0,
       loss_scale=config.loss_scale_init if config.dtype == "float16" else None)
+  is_population = config.population_size > 1
+  seeds = population.member_seeds(config)
+
+  def make_state() -> TrainState:  # a population: one state per member, stacked
+    if not is_population:
+      return make_member_state(jax.random.PRNGKey(config.seed))
+    return jax.vmap(make_member_state)(jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds)))
 
   def make_initial_state() -> TrainState:
     state = make_state()
     if init_weights is not None:
-      state = start_from(init_weights, state, config.replace_head)
+      if is_population:
+        state = population.stack([start_from(init_weights, population.member(state, i),
+                                             config.replace_head) for i in range(len(seeds))])
+      else:
+        state = start_from(init_weights, state, config.replace_head)
     return parallel.replicate(state)
 
   state = jax.eval_shape(make_state) if abstract_state else make_initial_state()
@@ -125,6 +140,10 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
       label_smoothing=config.label_smoothing, ema_decay=config.ema_decay, grad_accum_steps=accum,
       log_grad_norms=config.log_grad_norms, skip_non_finite=config.nan_policy == "skip")
   eval_step = functools.partial(steps.eval_step, inputs=inputs)
+  if is_population:
+    train_step, eval_step = population.make_population_steps(
+        population.make_member_step(train_step, make_optimizer), eval_step,
+        population.hyperparameters(config), population.resolve_mode(config.population_mode))
   return Experiment(
       config=config, dataset=info, image_size=image_size,
       preprocessing=data.resolve_preprocessing(info, config.preprocessing),
@@ -190,14 +209,15 @@ def model_info(exp: Experiment) -> pretrained.ModelInfo:
       in_channels=exp.model.in_channels, image_size=exp.image_size,
       preprocessing=exp.preprocessing, mean=tuple(exp.dataset.mean),
       std=tuple(exp.dataset.std), class_names=tuple(exp.dataset.class_names),
-      source=exp.config.dataset)
+      source=exp.config.dataset, population_size=exp.config.population_size)
 
 
 def train_batches(exp: Experiment, start_batch: int) -> Iterator[dict[str, np.ndarray]]:
   """This process's slices of the global train batches, from batch `start_batch` on."""
   c = exp.config
   return data.train_batches(
-      exp.dataset, global_batch_size=c.batch_size, image_size=exp.image_size, seed=c.seed,
+      exp.dataset, global_batch_size=c.batch_size, image_size=exp.image_size,
+      seed=population.data_seed(c),
       start_batch=start_batch, augment=c.augment, process_index=jax.process_index(),
       process_count=jax.process_count(), preprocessing=exp.preprocessing,
       shuffle_buffer=c.shuffle_buffer, cache=c.cache, num_threads=c.data_threads)
@@ -214,7 +234,11 @@ def evaluate(exp: Experiment, state: TrainState) -> dict[str, float]:
   dp = exp.data_parallel
   sums = [dp.eval_step(state, batch)
           for batch in parallel.prefetch_to_devices(batches, dp.put_batch, c.prefetch_batches)]
-  total = jax.tree.map(lambda *xs: sum(float(x) for x in xs), *sums)
+  total = jax.tree.map(lambda *xs: np.sum(jax.device_get(xs), axis=0, dtype=np.float64), *sums)
+  if c.population_size > 1:  # each member's, then their mean, spread and each on its own
+    by_member = [steps.summarize_eval(population.member(total, i), exp.model.num_classes)
+                 for i in range(c.population_size)]
+    return population.summarize({k: [m[k] for m in by_member] for k in by_member[0]})
   metrics = steps.summarize_eval(total, exp.model.num_classes)
   if exp.probe_dataset is not None:  # every process probes the whole dataset, on its own
     variables = jax.tree.map(parallel.local_copy, dp.get_state(state).eval_variables)
@@ -229,7 +253,7 @@ def data_position(exp: Experiment, step: int) -> dict[str, Any]:
   c = exp.config
   stored = exp.dataset.builder_dir.rstrip(os.sep).split(os.sep)
   return {"dataset": c.dataset, "dataset_version": "/".join(stored[-2:]),  # name/version
-          "seed": c.seed, "global_batch_size": c.batch_size,
+          "seed": population.data_seed(c), "global_batch_size": c.batch_size,
           "image_size": exp.image_size, "augment": c.augment,
           "preprocessing": exp.preprocessing, "shuffle_buffer": c.shuffle_buffer,
           "next_batch": step}
@@ -293,31 +317,51 @@ def finish_writes(manager, writer: reporting.MetricsWriter, config: ml_collectio
     writer.close()
 
 
+def reduce_train_metrics(history: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  """The train/ metrics of the steps in `history`: means, and the count of skipped steps.
+
+  A population's (a leading member axis on each metric) are reduced per member, then
+  summarized as their mean, `_std` and one value per member (`population.summarize`).
+  """
+  stacked = {k: np.stack([m[k] for m in history]) for k in history[0]}
+  reduced = {f"train/{k}": np.mean(v, axis=0) for k, v in stacked.items() if k != "skipped_step"}
+  if "skipped_step" in stacked:  # a count, not a fraction
+    reduced["train/skipped_steps"] = np.sum(stacked["skipped_step"], axis=0)
+  if np.ndim(stacked["loss"]) > 1:
+    return population.summarize(reduced)
+  return {k: float(v) for k, v in reduced.items()}
+
+
 def check_finite(history: list[dict[str, np.ndarray]], first_step: int,
-                 config: ml_collections.ConfigDict, consecutive_skips: int) -> int:
+                 config: ml_collections.ConfigDict, consecutive_skips: np.ndarray | int
+                 ) -> np.ndarray:
   """Applies `config.nan_policy` to the host metrics of steps first_step, first_step+1, ...
 
-  Returns the number of consecutive skipped steps at the end; raises NonFiniteError at
-  the first non-finite step ("stop") or at `max_consecutive_skips` in a row ("skip").
+  Returns the number of consecutive skipped steps at the end (per member: a population's
+  metrics have a leading member axis, and any member's non-finite step counts); raises
+  NonFiniteError at the first non-finite step ("stop") or at `max_consecutive_skips` in a
+  row ("skip").
   """
   for i, metrics in enumerate(history):
     step = first_step + i
-    if config.nan_policy == "stop" and metrics["non_finite"] > 0:
-      what = (f"loss = {float(metrics['loss'])}" if not np.isfinite(metrics["loss"])
-              else f"loss = {float(metrics['loss']):.4g} but the gradients are not finite")
+    non_finite = np.atleast_1d(metrics["non_finite"]) > 0
+    if config.nan_policy == "stop" and non_finite.any():
+      index = int(np.argmax(non_finite))
+      loss = float(np.atleast_1d(metrics["loss"])[index])
+      where = f" in member {index}" if non_finite.size > 1 else ""
+      what = (f"loss = {loss}" if not np.isfinite(loss)
+              else f"loss = {loss:.4g} but the gradients are not finite")
       raise NonFiniteError(
-          f"non-finite values at step {step}: {what}. Stopped without writing a checkpoint "
-          "after it; a restart resumes from the last one. Lower config.learning_rate, or set "
-          "config.nan_policy=skip to skip such steps.")
-    if metrics["non_finite"] > 0 and "skipped_step" in metrics:
-      consecutive_skips += 1
-      if consecutive_skips >= config.max_consecutive_skips:
-        raise NonFiniteError(
-            f"{consecutive_skips} consecutive steps up to step {step} had non-finite values and "
-            f"were skipped (config.max_consecutive_skips={config.max_consecutive_skips}); "
-            "stopping. Lower config.learning_rate.")
-    else:
-      consecutive_skips = 0
+          f"non-finite values at step {step}{where}: {what}. Stopped without writing a "
+          "checkpoint after it; a restart resumes from the last one. Lower "
+          "config.learning_rate, or set config.nan_policy=skip to skip such steps.")
+    skipped = non_finite & ("skipped_step" in metrics)
+    consecutive_skips = np.where(skipped, consecutive_skips + 1, 0)
+    if consecutive_skips.max() >= config.max_consecutive_skips:
+      raise NonFiniteError(
+          f"{int(consecutive_skips.max())} consecutive steps up to step {step} had non-finite "
+          f"values and were skipped (config.max_consecutive_skips="
+          f"{config.max_consecutive_skips}); stopping. Lower config.learning_rate.")
   return consecutive_skips
 
 
@@ -400,7 +444,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
       print(f"Starting {config.model} on {config.dataset} {how}, in {workdir}", flush=True)
   else:
     state, saved_position = restored
-    start_step = int(jax.device_get(state.step))
+    start_step = checkpointing.step_of(state)
     start_batch = resume_batch(exp, saved_position, start_step)
     message = (f"Resuming from the checkpoint at step {start_step} in {workdir}"
                if start_step < exp.total_steps else
@@ -452,11 +496,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
           checked = len(pending_metrics)
 
         if logged:
-          history = {k: np.stack([m[k] for m in pending_metrics]) for k in pending_metrics[0]}
-          train_metrics = {f"train/{k}": float(np.mean(v)) for k, v in history.items()}
-          if "skipped_step" in history:  # a count, not a fraction
-            train_metrics["train/skipped_steps"] = float(np.sum(history.pop("skipped_step")))
-            del train_metrics["train/skipped_step"]
+          train_metrics = reduce_train_metrics(pending_metrics)
           elapsed = time.perf_counter() - interval_start - interval_eval_seconds
           train_metrics["train/images_per_sec"] = interval_steps * config.batch_size / elapsed
           train_metrics["train/epoch"] = step / exp.steps_per_epoch

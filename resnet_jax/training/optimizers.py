@@ -14,25 +14,30 @@ import optax
 
 from resnet_jax.training import config as config_lib
 
+Hyperparameter = float | jax.Array  # a Python number, or a traced per-member value
 REFERENCE_BATCH_SIZE = 256  # The linear scaling rule's reference batch (Goyal et al., 2017).
 
 
-def base_learning_rate(config: ml_collections.ConfigDict) -> float:
-  """The peak learning rate, scaled by the batch per optimizer update when asked to."""
+def base_learning_rate(config: ml_collections.ConfigDict,
+                       learning_rate: Hyperparameter | None = None) -> Hyperparameter:
+  """The peak learning rate (`learning_rate`, else config's), scaled by the batch per
+  optimizer update when asked to."""
+  learning_rate = config.learning_rate if learning_rate is None else learning_rate
   if not config.scale_learning_rate_by_batch:
-    return config.learning_rate
+    return learning_rate
   batch_per_update = config.batch_size * config.grad_accum_steps
-  return config.learning_rate * batch_per_update / REFERENCE_BATCH_SIZE
+  return learning_rate * batch_per_update / REFERENCE_BATCH_SIZE
 
 
-def _decay_schedule(config: ml_collections.ConfigDict, peak: float, warmup_steps: int,
+def _decay_schedule(config: ml_collections.ConfigDict, peak: Hyperparameter, warmup_steps: int,
                     total_steps: int) -> optax.Schedule:
   """The schedule after warmup; its step counts from the end of warmup."""
   decay_steps = max(total_steps - warmup_steps, 1)
   if config.schedule == "constant":
     return optax.constant_schedule(peak)
   if config.schedule == "cosine":
-    alpha = config.end_learning_rate / peak if peak else 0.0
+    known_zero = isinstance(peak, (int, float)) and peak == 0  # (a traced peak is not known)
+    alpha = config.end_learning_rate / peak if config.end_learning_rate and not known_zero else 0.0
     return optax.cosine_decay_schedule(peak, decay_steps, alpha=alpha)
   if config.schedule == "step":
     scales = {boundary - warmup_steps: config.step_decay_factor
@@ -46,12 +51,14 @@ def _decay_schedule(config: ml_collections.ConfigDict, peak: float, warmup_steps
 
 
 def create_learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                                  total_steps: int) -> optax.Schedule:
+                                  total_steps: int, learning_rate: Hyperparameter | None = None
+                                  ) -> optax.Schedule:
   """Linear warmup from 0 over `warmup_epochs`, then `config.schedule`.
 
   `steps_per_epoch`, `total_steps` and `step_decay_boundaries` are in optimizer updates.
+  `learning_rate` replaces `config.learning_rate` (a population member's, maybe traced).
   """
-  peak = base_learning_rate(config)
+  peak = base_learning_rate(config, learning_rate)
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
   warmup = optax.linear_schedule(0.0, peak, warmup_steps)
   decay = _decay_schedule(config, peak, warmup_steps, total_steps)
@@ -68,9 +75,10 @@ def weight_decay_mask(params: Any) -> Any:
 
 def _with_weight_decay(gradient_statistics: optax.GradientTransformation,
                        config: ml_collections.ConfigDict, learning_rate: optax.Schedule,
-                       decay_mask: Any) -> optax.GradientTransformation:
+                       weight_decay: Hyperparameter, decay_mask: Any
+                       ) -> optax.GradientTransformation:
   """Adds weight decay before the statistics ("l2") or after them ("decoupled")."""
-  decay = optax.add_decayed_weights(config.weight_decay, mask=decay_mask)
+  decay = optax.add_decayed_weights(weight_decay, mask=decay_mask)
   scale = optax.scale_by_learning_rate(learning_rate)
   if config.weight_decay_mode == "l2":
     return optax.chain(decay, gradient_statistics, scale)
@@ -80,26 +88,26 @@ def _with_weight_decay(gradient_statistics: optax.GradientTransformation,
                    f"{', '.join(config_lib.WEIGHT_DECAY_MODES)}")
 
 
-def _base_optimizer(config: ml_collections.ConfigDict,
-                    learning_rate: optax.Schedule) -> optax.GradientTransformation:
+def _base_optimizer(config: ml_collections.ConfigDict, learning_rate: optax.Schedule,
+                    weight_decay: Hyperparameter) -> optax.GradientTransformation:
   """The optimizer named by `config.optimizer`, with its weight decay."""
   decay_mask = True if config.weight_decay_on_norm_and_bias else weight_decay_mask
   if config.optimizer == "sgd":
     momentum = optax.trace(decay=config.momentum, nesterov=config.nesterov)
-    return _with_weight_decay(momentum, config, learning_rate, decay_mask)
+    return _with_weight_decay(momentum, config, learning_rate, weight_decay, decay_mask)
   if config.optimizer == "adamw":
     adam = optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
-    return _with_weight_decay(adam, config, learning_rate, decay_mask)
+    return _with_weight_decay(adam, config, learning_rate, weight_decay, decay_mask)
   if config.optimizer == "lars":
     # As in MLPerf, biases and norm parameters also skip the trust ratio.
-    return optax.lars(learning_rate, weight_decay=config.weight_decay,
+    return optax.lars(learning_rate, weight_decay=weight_decay,
                       weight_decay_mask=decay_mask,
                       trust_coefficient=config.lars_trust_coefficient,
                       trust_ratio_mask=weight_decay_mask, momentum=config.momentum,
                       nesterov=config.nesterov)
   if config.optimizer == "lamb":
     return optax.lamb(learning_rate, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                      weight_decay=config.weight_decay, mask=decay_mask)
+                      weight_decay=weight_decay, mask=decay_mask)
   raise ValueError(f"config.optimizer={config.optimizer!r}: must be one of "
                    f"{', '.join(config_lib.OPTIMIZERS)}")
 
@@ -110,30 +118,33 @@ def head_or_backbone(params: Any) -> Any:
           for name, sub in params.items()}
 
 
-def _fine_tuning_optimizer(config: ml_collections.ConfigDict,
-                           learning_rate: optax.Schedule) -> optax.GradientTransformation:
+def _fine_tuning_optimizer(config: ml_collections.ConfigDict, learning_rate: optax.Schedule,
+                           weight_decay: Hyperparameter) -> optax.GradientTransformation:
   """The optimizer for the head; the backbone's is frozen or runs at a scaled learning rate."""
-  head = _base_optimizer(config, learning_rate)
+  head = _base_optimizer(config, learning_rate, weight_decay)
   if not config.freeze_backbone and config.backbone_learning_rate_scale == 1.0:
     return head
   if config.freeze_backbone:
     backbone = optax.set_to_zero()
   else:
     scale = config.backbone_learning_rate_scale
-    backbone = _base_optimizer(config, lambda step: scale * learning_rate(step))
+    backbone = _base_optimizer(config, lambda step: scale * learning_rate(step), weight_decay)
   return optax.multi_transform({"head": head, "backbone": backbone}, head_or_backbone)
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     learning_rate_schedule: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_schedule: optax.Schedule,
+                     weight_decay: Hyperparameter | None = None) -> optax.GradientTransformation:
   """Clipping, then the optimizer, wrapped in gradient accumulation when asked to.
 
   `weight_decay_mode` applies to sgd and adamw; lars and lamb use their own weight decay
   (lars adds it before the trust ratio, lamb after the Adam statistics). With
   `freeze_backbone` or `backbone_learning_rate_scale`, the backbone's updates are zero or
-  scaled (weight decay included) and its optimizer state is its own.
+  scaled (weight decay included) and its optimizer state is its own. `weight_decay`
+  replaces `config.weight_decay` (a population member's, maybe traced); the optimizer state's
+  structure does not depend on it.
   """
-  tx = _fine_tuning_optimizer(config, learning_rate_schedule)
+  weight_decay = config.weight_decay if weight_decay is None else weight_decay
+  tx = _fine_tuning_optimizer(config, learning_rate_schedule, weight_decay)
   if config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   if config.grad_accum_steps > 1:

@@ -20,6 +20,7 @@ from etils import epath
 from matplotlib.figure import Figure
 
 from resnet_jax.storage import paths
+from resnet_jax.training import population
 
 METRICS_FILENAME = "metrics.jsonl"
 CURVES_FILENAME = "curves.png"
@@ -41,10 +42,22 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
 
 
 def eval_summary(metrics: Mapping[str, float]) -> str:
-  """"loss 0.1234, accuracy 95.00%[, top-5 99.00%]" (top-5 where it was measured)."""
-  summary = f"loss {metrics['eval/loss']:.4f}, accuracy {metrics['eval/accuracy']:.2%}"
+  """"loss 0.1234, accuracy 95.00%[, top-5 99.00%]" (top-5 where it was measured).
+
+  A population's: the members' mean ± standard deviation, and the best member's accuracy.
+  """
+  def value(name: str, spec: str) -> str:
+    spread = f" ± {metrics[name + '_std']:{spec}}" if name + "_std" in metrics else ""
+    return f"{metrics[name]:{spec}}{spread}"
+
+  summary = f"loss {value('eval/loss', '.4f')}, accuracy {value('eval/accuracy', '.2%')}"
   if "eval/top5_accuracy" in metrics:
-    summary += f", top-5 {metrics['eval/top5_accuracy']:.2%}"
+    summary += f", top-5 {value('eval/top5_accuracy', '.2%')}"
+  accuracies = population.member_values(metrics, "eval/accuracy")
+  if accuracies:
+    best = max(range(len(accuracies)), key=accuracies.__getitem__)
+    summary += (f" over {len(accuracies)} members; best: member {best}, accuracy "
+                f"{accuracies[best]:.2%}")
   return summary
 
 

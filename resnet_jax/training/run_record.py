@@ -40,7 +40,7 @@ OPERATIONAL_KEYS = frozenset({
     "checkpoint_every_steps", "keep_checkpoints", "best_checkpoint_metric", "on_write_error",
     "progress_bar", "data_dir", "compilation_cache_dir", "cache", "data_threads",
     "prefetch_batches", "parallelism", "remat", "remat_policy", "linear_probe_dataset",
-    "linear_probe_shots", "allow_config_change"})
+    "linear_probe_shots", "allow_config_change", "population_mode"})
 LENGTH_KEYS = frozenset({"num_train_steps", "num_epochs"})
 # Schedules whose learning rate at a step does not depend on the length of the run.
 LENGTH_FREE_SCHEDULES = ("constant", "step")
