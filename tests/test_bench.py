@@ -180,3 +180,16 @@ def test_degradation_curves_table_numbers_and_plot_come_from_each_runs_metrics(t
   assert degradation.training_minutes(run_dirs["plain56"], 128) == pytest.approx(40 / 60)
   degradation.plot(run_dirs, str(tmp_path / "degradation.png"), steps=20)
   assert os.path.getsize(tmp_path / "degradation.png") > 0
+
+
+def test_population_bench_times_each_mode_against_single_runs_in_one_run(tmp_path):
+  from resnet_jax.bench import population as population_bench
+  population_bench.main(["--model=resnet8", "--members=2", "--batch_size=8", "--image_size=8",
+                         "--rounds=2", f"--json={tmp_path / 'p.json'}"])
+  result = json.loads((tmp_path / "p.json").read_text())
+  by_mode = {r["mode"]: r for r in result["results"]}
+  assert set(by_mode) == {"single", "vmap", "loop"} and result["auto_mode"] == "loop"
+  assert by_mode["single"]["speedup_over_single_runs"] == 1.0
+  for r in by_mode.values():
+    assert r["step_s"] > 0
+    assert r["member_steps_per_s"] == pytest.approx(2 / r["step_s"])

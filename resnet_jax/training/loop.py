@@ -141,9 +141,11 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
       log_grad_norms=config.log_grad_norms, skip_non_finite=config.nan_policy == "skip")
   eval_step = functools.partial(steps.eval_step, inputs=inputs)
   if is_population:
-    train_step, eval_step = population.make_population_steps(
-        population.make_member_step(train_step, make_optimizer), eval_step,
+    data_parallel, train_step = population.make_data_parallel(
+        config.parallelism, population.make_member_step(train_step, make_optimizer), eval_step,
         population.hyperparameters(config), population.resolve_mode(config.population_mode))
+  else:
+    data_parallel = parallel.make_data_parallel(config.parallelism, train_step, eval_step)
   return Experiment(
       config=config, dataset=info, image_size=image_size,
       preprocessing=data.resolve_preprocessing(info, config.preprocessing),
@@ -152,7 +154,7 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
       eval_every_steps=config.eval_every_steps or steps_per_epoch,
       checkpoint_every_steps=config.checkpoint_every_steps or steps_per_epoch,
       train_step=train_step,
-      data_parallel=parallel.make_data_parallel(config.parallelism, train_step, eval_step),
+      data_parallel=data_parallel,
       initial_state=state,
       make_initial_state=make_initial_state,
       probe_dataset=probe_dataset,

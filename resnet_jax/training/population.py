@@ -2,12 +2,15 @@
 
 Member i is the run with seed `seed + i` (and its own learning rate and weight decay when
 `population_learning_rates` / `population_weight_decays` give them), fed the population's
-one input stream (`data_seed`). Their train states are stacked along a leading member axis
-and the pure train step is mapped over it, so member i's slice of the stacked state is the
-state of that single run:
-- "vmap": `jax.vmap`, the members batched into every operation;
-- "loop": `jax.lax.map`, the members one after another inside the one program.
-"auto" picks by backend, from the measurement in BENCHMARKS.md ("Populations").
+one input stream (`data_seed`). Their train states are stacked along a leading member axis,
+so member i's slice of the stacked state is the state of that single run; checkpoints hold
+the stacked state. How the members' steps run is `config.population_mode`:
+- "vmap": one program, `jax.vmap` of the pure step over the member axis (the members
+  batched into every operation: wider work for an accelerator);
+- "loop": the single run's compiled step, called once per member on each batch (each
+  member's state laid out as a single run's while it trains).
+"auto" picks by backend, from the measurement in BENCHMARKS.md ("Populations"): on CPU the
+loop (XLA:CPU runs the vmapped convolutions, grouped, several times slower).
 The step function knows nothing of members: a member's learning rate and weight decay reach
 its optimizer as traced values (`make_member_step`), and the optimizer state's structure is
 the single run's.
@@ -22,10 +25,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from resnet_jax.training import parallel
+
 PyTree = Any
-# "auto": measured on CPU (2 cores, ResNet-20, batch 128, 5 members; BENCHMARKS.md).
+# "auto": on CPU measured (bench.population: ResNet-20, 5 members, batch 128, 2 cores: the
+# loop 4-5× faster than vmap); elsewhere vmap, not yet measured against the loop.
 AUTO_MODES = {"cpu": "loop"}
-DEFAULT_MODE = "vmap"  # accelerators: one program of N× wider operations
+DEFAULT_MODE = "vmap"
 
 
 def member_seeds(config: ml_collections.ConfigDict) -> list[int]:
@@ -54,27 +60,16 @@ def resolve_mode(mode: str, backend: str | None = None) -> str:
   return AUTO_MODES.get(backend or jax.default_backend(), DEFAULT_MODE)
 
 
+@jax.jit  # compiled, so that it also takes global arrays that span processes
 def stack(trees: list[PyTree]) -> PyTree:
   """Stacks equal-structured trees along a new leading member axis."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def member(tree: PyTree, index: int) -> PyTree:
+@jax.jit
+def member(tree: PyTree, index: int | jax.Array) -> PyTree:
   """Member `index`'s slice of a stacked tree."""
   return jax.tree.map(lambda x: x[index], tree)
-
-
-def map_members(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
-  """`fn(*member_args)` over stacked arguments (each with the leading member axis).
-
-  "vmap" batches the members into each operation; "loop" runs them one after another
-  (`lax.map`, a loop inside the program), each with `fn`'s own, unbatched operations.
-  """
-  if mode == "vmap":
-    return jax.vmap(fn)
-  if mode == "loop":
-    return lambda *args: jax.lax.map(lambda a: fn(*a), args)
-  raise ValueError(f"config.population_mode={mode!r}: must be 'vmap' or 'loop'")
 
 
 def make_member_step(train_step: Callable[..., Any], make_optimizer: Callable[[jax.Array,
@@ -93,23 +88,55 @@ def make_member_step(train_step: Callable[..., Any], make_optimizer: Callable[[j
   return member_step
 
 
-def make_population_steps(member_step: Callable[..., Any], eval_step: Callable[..., Any],
-                          hyper: Mapping[str, np.ndarray], mode: str
-                          ) -> tuple[Callable[..., Any], Callable[..., Any]]:
-  """The population's train and eval steps over stacked states: `(states, batch) -> ...`.
+def make_data_parallel(parallelism: str, member_step: Callable[..., Any],
+                       eval_step: Callable[..., Any], hyper: Mapping[str, np.ndarray],
+                       mode: str) -> tuple[parallel.DataParallel, Callable[..., Any]]:
+  """The population's `DataParallel` over stacked states, and the pure step it compiles.
 
-  Every member sees the same batch; metrics come back with a leading member axis.
+  Its train and eval steps take the stacked state and one batch, which every member sees;
+  their metrics come back with a leading member axis. `put_state` and `get_state` take and
+  give the stacked state, as checkpoints hold it.
   """
   hyper = {k: jnp.asarray(v) for k, v in hyper.items()}
+  if mode == "vmap":
+    def train_step(states, batch, axis_name=None):
+      step = lambda state, h: member_step(state, batch, h, axis_name=axis_name)  # noqa: E731
+      return jax.vmap(step)(states, hyper)
 
-  def train_step(states, batch, axis_name=None):
-    step = lambda state, h: member_step(state, batch, h, axis_name=axis_name)  # noqa: E731
-    return map_members(step, mode)(states, hyper)
+    def population_eval_step(states, batch, axis_name=None):
+      return jax.vmap(lambda state: eval_step(state, batch, axis_name=axis_name))(states)
 
-  def population_eval_step(states, batch, axis_name=None):
-    return map_members(lambda state: eval_step(state, batch, axis_name=axis_name), mode)(states)
+    return parallel.make_data_parallel(parallelism, train_step, population_eval_step), train_step
+  if mode != "loop":
+    raise ValueError(f"config.population_mode={mode!r}: must be 'vmap' or 'loop'")
 
-  return train_step, population_eval_step
+  # The loop: one member's step, compiled once, its hyperparameters carried beside its state.
+  def member_train_step(member_and_hyper, batch, axis_name=None):
+    state, member_hyper = member_and_hyper
+    state, metrics = member_step(state, batch, member_hyper, axis_name=axis_name)
+    return (state, member_hyper), metrics
+
+  def member_eval_step(member_and_hyper, batch, axis_name=None):
+    return eval_step(member_and_hyper[0], batch, axis_name=axis_name)
+
+  one = parallel.make_data_parallel(parallelism, member_train_step, member_eval_step)
+  size = len(hyper["learning_rate"])
+
+  def put_state(states):
+    return [one.put_state((member(states, i), member(hyper, i))) for i in range(size)]
+
+  def get_state(members):
+    return stack([one.get_state(m)[0] for m in members])
+
+  def train_step(members, batch):
+    results = [one.train_step(m, batch) for m in members]
+    return [m for m, _ in results], stack([metrics for _, metrics in results])
+
+  def population_eval_step(members, batch):
+    return stack([one.eval_step(m, batch) for m in members])
+
+  return parallel.DataParallel(one.mode, put_state, get_state, one.put_batch, train_step,
+                               population_eval_step), member_train_step
 
 
 def summarize(metrics: Mapping[str, Any]) -> dict[str, float]:
