@@ -193,3 +193,38 @@ def test_population_bench_times_each_mode_against_single_runs_in_one_run(tmp_pat
   for r in by_mode.values():
     assert r["step_s"] > 0
     assert r["member_steps_per_s"] == pytest.approx(2 / r["step_s"])
+
+
+def test_cifar_table_trains_each_row_as_a_population_and_resumes_row_by_row(tmp_path, capsys):
+  from resnet_jax.bench import cifar_table
+  from short_run import digit_folder
+  folder = digit_folder(str(tmp_path / "digits"), range(10), per_class=20)
+  argv = [f"--cifar_dir={folder}", f"--workdir={tmp_path / 'table'}", "--models=resnet8",
+          "--seeds=2", "--steps=2"]
+  cifar_table.main(argv)
+  row = json.loads((tmp_path / "table" / "resnet8" / "row.json").read_text())
+  assert row["seeds"] == 2 and len(row["errors"]) == 2 and row["eval_split"] == "holdout"
+  assert row["best"] == min(row["errors"]) and row["eval_examples"] == 20  # 10% of 20 × 10
+  metrics = [json.loads(line) for line in
+             (tmp_path / "table" / "resnet8" / "metrics.jsonl").read_text().splitlines()]
+  final = [m for m in metrics if "eval/member1/accuracy" in m][-1]
+  assert row["errors"][1] == pytest.approx(100 * (1 - final["eval/member1/accuracy"]))
+  table = (tmp_path / "table" / "table.md").read_text()
+  assert "| resnet8 | 2 | 2 | validation (45k/5k) (20) |" in table
+  assert os.path.getsize(tmp_path / "table" / "error_vs_depth.png") > 0
+  capsys.readouterr()
+  cifar_table.main(argv)  # done rows are read back, not trained again
+  assert "resnet8: done before (2 seeds, 2 steps)" in capsys.readouterr().out
+  with pytest.raises(SystemExit):  # a row begun with other seeds is not silently mixed
+    cifar_table.main(argv[:-2] + ["--seeds=3", "--steps=2"])
+  assert "population_size" in capsys.readouterr().err
+
+
+def test_cifar_table_warms_up_resnet110_at_the_papers_learning_rate():
+  from resnet_jax.bench import cifar_table
+  config = cifar_table.row_config("resnet110", "/data", "/tfds", 64_000, 5, steps_per_epoch=352,
+                                  eval_every=2000)
+  assert (config.warmup_learning_rate, config.warmup_epochs * 352) == (0.01, pytest.approx(400))
+  assert config.step_decay_boundaries == (32_000, 48_000) and config.population_size == 5
+  assert cifar_table.row_config("resnet20", "/data", "/tfds", 3000, 1, steps_per_epoch=352,
+                                eval_every=300).warmup_learning_rate == -1

@@ -16,7 +16,7 @@ from resnet_jax.data import quiet_tensorflow
 TOOLS = ["convert", "export", "faults", "linear_probe", "predict", "summary", "analysis",
          "bench.checkpoint", "bench.compile_time", "bench.degradation", "bench.dry_run",
          "bench.input", "bench.photo_folder", "bench.startup", "bench.throughput",
-         "bench.transfer", "bench.population", "take_member"]
+         "bench.transfer", "bench.population", "bench.cifar_table", "take_member"]
 
 
 @pytest.mark.parametrize("tool", TOOLS)

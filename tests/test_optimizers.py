@@ -55,6 +55,14 @@ def test_warmup_is_linear_and_reaches_base_learning_rate():
   chex.assert_trees_all_close(values, np.linspace(0.0, 0.1, 21), atol=1e-7)
 
 
+def test_a_constant_warmup_holds_its_learning_rate_then_steps_to_the_peak():
+  # The paper's ResNet-110: 0.01 for ~400 steps, then 0.1 (÷10 at the boundaries).
+  config = make_config(learning_rate=0.1, schedule="step", warmup_epochs=1.0,
+                       warmup_learning_rate=0.01, step_decay_boundaries=(50,))
+  values = schedule_values(config, [0, 9, 10, 49, 50], steps_per_epoch=10)
+  chex.assert_trees_all_close(values, np.array([0.01, 0.01, 0.1, 0.1, 0.01]), atol=1e-8)
+
+
 def test_cosine_ends_at_end_learning_rate():
   config = make_config(learning_rate=0.1, schedule="cosine", warmup_epochs=1.0,
                        end_learning_rate=0.001)

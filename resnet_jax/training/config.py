@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Learning-rate schedule.
   c.schedule = "cosine"
   c.warmup_epochs = 0.0
+  # -1: warm up linearly from 0 to learning_rate; >= 0: at this constant learning rate, as
+  # He et al. (2015) warmed up ResNet-110 on CIFAR-10 (0.01 for ~400 steps).
+  c.warmup_learning_rate = -1.0
   c.step_decay_boundaries = ()  # optimizer steps where lr is multiplied by step_decay_factor.
   c.step_decay_factor = 0.1
   c.polynomial_power = 2.0
@@ -181,6 +184,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
   check(config.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (0 disables clipping)")
   check(config.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+  check(config.warmup_learning_rate >= 0 or config.warmup_learning_rate == -1,
+        "warmup_learning_rate", "must be >= 0, or -1 (linear warm-up from 0)")
   check(config.log_every_steps > 0, "log_every_steps", "must be positive")
   check(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
   check(config.loss_scale_init > 0, "loss_scale_init", "must be positive")

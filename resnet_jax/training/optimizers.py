@@ -53,14 +53,16 @@ def _decay_schedule(config: ml_collections.ConfigDict, peak: Hyperparameter, war
 def create_learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
                                   total_steps: int, learning_rate: Hyperparameter | None = None
                                   ) -> optax.Schedule:
-  """Linear warmup from 0 over `warmup_epochs`, then `config.schedule`.
+  """Warm-up over `warmup_epochs` (linear from 0, or at `warmup_learning_rate`), then
+  `config.schedule`.
 
   `steps_per_epoch`, `total_steps` and `step_decay_boundaries` are in optimizer updates.
   `learning_rate` replaces `config.learning_rate` (a population member's, maybe traced).
   """
   peak = base_learning_rate(config, learning_rate)
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+  warmup = (optax.linear_schedule(0.0, peak, warmup_steps) if config.warmup_learning_rate < 0
+            else optax.constant_schedule(config.warmup_learning_rate))
   decay = _decay_schedule(config, peak, warmup_steps, total_steps)
   return optax.join_schedules([warmup, decay], [warmup_steps])
 
