@@ -12,6 +12,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="resnet_jax_xla_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+try:  # torch, where installed (parity tests), must load before TensorFlow: the other order
+  import torch  # noqa: F401,E402  can crash, and any test file may load TensorFlow first.
+except ImportError:
+  pass
+
 import pytest  # noqa: E402
 
 

@@ -222,9 +222,63 @@ def test_cifar_table_trains_each_row_as_a_population_and_resumes_row_by_row(tmp_
 
 def test_cifar_table_warms_up_resnet110_at_the_papers_learning_rate():
   from resnet_jax.bench import cifar_table
-  config = cifar_table.row_config("resnet110", "/data", "/tfds", 64_000, 5, steps_per_epoch=352,
+  from resnet_jax.data import DatasetInfo
+  info = DatasetInfo(name="folder", num_classes=10, image_shape=(32, 32, 3),
+                     num_train_examples=45_000, num_eval_examples=5_000)  # 351 steps of 128
+  config = cifar_table.row_config("resnet110", "/data", "/tfds", 64_000, 5, info=info,
                                   eval_every=2000)
-  assert (config.warmup_learning_rate, config.warmup_epochs * 352) == (0.01, pytest.approx(400))
+  assert (config.warmup_learning_rate, config.warmup_epochs * 351) == (0.01, pytest.approx(400))
   assert config.step_decay_boundaries == (32_000, 48_000) and config.population_size == 5
-  assert cifar_table.row_config("resnet20", "/data", "/tfds", 3000, 1, steps_per_epoch=352,
+  assert cifar_table.row_config("resnet20", "/data", "/tfds", 3000, 1, info=info,
                                 eval_every=300).warmup_learning_rate == -1
+
+
+def test_torch_parity_trains_both_from_the_same_start_on_the_same_batches(tmp_path):
+  pytest.importorskip("torch")
+  from resnet_jax.bench import torch_parity
+  from short_run import digit_folder
+  folder = digit_folder(str(tmp_path / "digits"), range(10), per_class=10)
+  parity = torch_parity.run(folder, str(tmp_path / "out"), "resnet8", steps=4, seeds=2,
+                            batch_size=32, window=2, speed_rounds=1)
+  assert np.shape(parity.ours_losses) == np.shape(parity.torch_losses) == (2, 4)
+  assert parity.first_steps_agree and parity.float64_max_rel_diff < 1e-12  # the same sums
+  assert parity.ours_losses[0] != parity.ours_losses[1]  # two seeds, two starts
+  assert [(w.first_step, w.last_step) for w in parity.windows] == [(1, 2), (3, 4)]
+  assert parity.speed.torch_channels_last_images_per_s > 0
+  report = torch_parity.format_report(parity)
+  assert "| 1–2 |" in report and "PyTorch channels-last" in report
+
+
+def test_budget_curve_trains_each_budget_and_schedule_once(tmp_path, capsys):
+  from resnet_jax.bench import budget_curve
+  from short_run import digit_folder
+  folder = digit_folder(str(tmp_path / "digits"), range(10), per_class=15)
+  argv = [f"--cifar_dir={folder}", f"--workdir={tmp_path / 'budget'}", "--model=resnet8",
+          "--budgets=1,2", "--schedules=step,cosine"]
+  budget_curve.main(argv)
+  runs = json.loads((tmp_path / "budget" / "budget.json").read_text())
+  assert sorted((r["schedule"], r["steps"]) for r in runs) == [
+      ("cosine", 1), ("cosine", 2), ("step", 1), ("step", 2)]
+  assert all(0 <= r["val_accuracy"] <= 1 and r["wall_minutes"] > 0 for r in runs)
+  cosine = json.loads((tmp_path / "budget" / "resnet8_cosine_2" / "config.json").read_text())
+  assert cosine["schedule"] == "cosine" and cosine["num_train_steps"] == 2
+  assert "| step | 2 |" in (tmp_path / "budget" / "budget.md").read_text()
+  assert os.path.getsize(tmp_path / "budget" / "budget.png") > 0
+  capsys.readouterr()
+  budget_curve.main(argv)  # finished runs are read back, not trained again
+  assert "steps:" not in capsys.readouterr().out
+
+
+def test_gpu_report_stops_the_table_row_at_its_deadline_with_a_checkpoint(tmp_path):
+  from resnet_jax.bench import gpu_report
+  from short_run import digit_folder
+  folder = digit_folder(str(tmp_path / "digits"), range(10), per_class=15)
+  # A deadline that passes while the row compiles: the row stops after its first step.
+  gpu_report.main([f"--cifar_dir={folder}", f"--out={tmp_path / 'report'}", "--minutes=0.01",
+                   "--throughput_model=resnet8", "--throughput_batch=8",
+                   "--throughput_image_size=8", "--population_batch=8", "--population_rounds=1",
+                   "--row_model=resnet8", "--seeds=2", "--row_steps=1000"])
+  report = (tmp_path / "report" / "report.md").read_text()
+  assert "## Throughput" in report and "population, loop" in report
+  assert "step 1 of 1000" in report and "no evaluation yet" in report
+  assert os.listdir(tmp_path / "report" / "table" / "resnet8" / "checkpoints") == ["1"]

@@ -256,3 +256,41 @@ def test_convert_pth_checkpoint_names_imagenet_classes(tmp_path):
   loaded = pretrained.load(out)
   chex.assert_trees_all_equal(loaded.variables, from_state_dict("resnet18", state_dict))
   assert len(loaded.info.class_names) == 1000 and loaded.info.class_names[0] == "tench"
+
+
+@pytest.mark.parametrize("name", ["resnet20", "plain20"])
+def test_cifar_nets_round_trip_through_state_dicts(name):
+  import jax
+  model = create_model(name)
+  variables = jax.device_get(model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+  state_dict = to_state_dict(name, variables)
+  assert "layer2.0.conv1.weight" in state_dict and not any("downsample" in k for k in state_dict)
+  chex.assert_trees_all_equal(from_state_dict(name, state_dict), variables)
+
+
+@needs_torch
+@pytest.mark.parametrize("name", ["resnet20", "plain20"])
+@pytest.mark.parametrize("train", [False, True])
+def test_cifar_nets_compute_what_the_papers_pytorch_nets_compute_from_our_weights(name, train):
+  import jax
+  from resnet_jax.interop import torch_cifar
+  model = create_model(name)
+  images = np.random.RandomState(0).randn(8, 32, 32, 3).astype(np.float32)
+  variables = model.init(jax.random.key(1), images[:1])
+  if train:  # batch statistics; the running ones updated with momentum 0.9 (torch: 0.1)
+    ours, updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+  else:
+    ours = model.apply(variables, images)
+  net = torch_cifar.from_variables(name, jax.device_get(variables)).train(train)
+  theirs = net(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).detach().numpy()
+  assert max_relative_error(np.asarray(ours), theirs) <= RELATIVE_TOLERANCE
+  if train:
+    np.testing.assert_allclose(net.layer3[0].bn1.running_mean.numpy(),
+                               updated["batch_stats"]["layer3_0"]["bn1"]["mean"], atol=1e-6)
+
+
+@needs_torch
+def test_torch_cifar_names_a_model_that_is_not_a_cifar_net():
+  from resnet_jax.interop import torch_cifar
+  with pytest.raises(ValueError, match="resnet50 is not one of the paper's CIFAR nets"):
+    torch_cifar.cifar_resnet("resnet50")

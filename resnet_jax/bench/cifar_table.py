@@ -60,7 +60,7 @@ class Row:
 
 
 def row_config(model: str, cifar_dir: str, data_dir: str, steps: int, seeds: int, *,
-               steps_per_epoch: int, eval_every: int) -> ml_collections.ConfigDict:
+               info: data.DatasetInfo, eval_every: int) -> ml_collections.ConfigDict:
   """The paper's recipe for `model`, `steps` long, as a population of `seeds`."""
   config = degradation.run_config(model, cifar_dir, data_dir, steps, eval_every=eval_every,
                                   log_every=min(100, eval_every))
@@ -68,8 +68,22 @@ def row_config(model: str, cifar_dir: str, data_dir: str, steps: int, seeds: int
   warmup_steps = round(WARMUP_STEPS.get(model, 0) * steps / PAPER_STEPS)
   if warmup_steps:
     config.warmup_learning_rate = WARMUP_LEARNING_RATE
-    config.warmup_epochs = max(warmup_steps, 1) / steps_per_epoch
+    config.warmup_epochs = warmup_steps / data.steps_per_epoch(info, config.batch_size)
   return config
+
+
+def dataset_info(cifar_dir: str, data_dir: str) -> data.DatasetInfo:
+  """The folder's dataset as the rows see it (prepared on first use)."""
+  config = degradation.run_config(MODELS[0], cifar_dir, data_dir, 1, eval_every=1, log_every=1)
+  return data.get_dataset_info(config.dataset, data_dir, holdout_fraction=config.holdout_fraction)
+
+
+def prepared_row(model: str, cifar_dir: str, data_dir: str, steps: int, seeds: int,
+                 eval_every: int) -> tuple[ml_collections.ConfigDict, data.DatasetInfo]:
+  """`row_config` for the folder, and the folder's dataset info."""
+  info = dataset_info(cifar_dir, data_dir)
+  return row_config(model, cifar_dir, data_dir, steps, seeds, info=info,
+                    eval_every=eval_every), info
 
 
 def read_row(path: str) -> Row | None:
@@ -163,9 +177,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   workdir = os.path.abspath(args.workdir)
   data_dir = os.path.join(workdir, "tensorflow_datasets")
   eval_every = args.eval_every or max(args.steps // 10, 1)
-  probe = degradation.run_config(models[0], args.cifar_dir, data_dir, args.steps,
-                                 eval_every=eval_every, log_every=1)
-  info = data.get_dataset_info(probe.dataset, data_dir, holdout_fraction=probe.holdout_fraction)
   rows = []
   for model in models:
     row_dir = os.path.join(workdir, model)
@@ -175,9 +186,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       print(f"{model}: done before ({row.seeds} seeds, {row.steps} steps), read from {row_file}")
     else:
       start = time.perf_counter()
-      config = row_config(model, args.cifar_dir, data_dir, args.steps, args.seeds,
-                          steps_per_epoch=data.steps_per_epoch(info, probe.batch_size),
-                          eval_every=eval_every)
+      config, info = prepared_row(model, args.cifar_dir, data_dir, args.steps, args.seeds,
+                                  eval_every)
       try:
         row = train_row(config, row_dir, info)
       except ValueError as e:  # a row begun with other --steps or --seeds, a bad folder, ...

@@ -24,14 +24,16 @@ MIX_STREAM = 1  # folded into the step's key for mixup/cutmix; drop path uses th
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0
                   ) -> jax.Array:
-  """Per-example softmax cross-entropy against smoothed targets ([batch, classes]), in float32.
+  """Per-example softmax cross-entropy against smoothed targets ([batch, classes]), in float32
+  (float64 for float64 logits).
 
   `targets` may also be integer labels [batch], taken as one-hot.
   """
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
   if targets.ndim == 1:
-    targets = jax.nn.one_hot(targets, logits.shape[-1])
+    targets = jax.nn.one_hot(targets, logits.shape[-1], dtype=dtype)
   targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  return optax.softmax_cross_entropy(logits.astype(dtype), targets)
 
 
 def grad_norms_by_stage(grads: Any) -> Metrics:

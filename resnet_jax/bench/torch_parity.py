@@ -1,0 +1,333 @@
+"""Training parity with PyTorch: the paper's CIFAR ResNet trained by both, from the same start.
+
+  tar -xzf ../shared/data/cifar10-train-jpeg.tar.gz -C /tmp/data
+  python -m resnet_jax.bench.torch_parity --cifar_dir /tmp/data/cifar10 --model resnet20 \
+      --steps 300 --seeds 3
+
+For each seed, our run (configs/cifar10_folder.py: SGD, momentum 0.9, lr 0.1 ÷10 at 50% and
+75% of `--steps`, weight decay 1e-4 on every parameter, as PyTorch's SGD applies it:
+`weight_decay_on_norm_and_bias`) and the same net in PyTorch (`interop.torch_cifar`, option
+A shortcuts, BatchNorm momentum 0.1 and epsilon 1e-5), initialised from our initial weights
+and fed our batches (the same augmented pixels, normalised the same way), with
+`torch.optim.SGD` at the same learning rate at every step. The seeds train as one population
+on our side. It checks that the first 3 steps' losses agree within 1e-4 (relative) and that
+over all steps the mean loss curves (in windows of `--window` steps) agree within their
+spread across seeds, then times one train step of each (ours; PyTorch NCHW and
+channels-last), one of each in turn. Writes OUT/parity.md, OUT/parity.json and
+OUT/loss_curves.png. Needs torch (not a dependency of resnet_jax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import statistics
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from resnet_jax import cli, malloc_tuning
+from resnet_jax.bench import write_json
+
+FIRST_STEPS = 3
+FIRST_STEPS_RTOL = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+  first_step: int
+  last_step: int
+  ours_mean: float  # of the seeds' mean losses over the window
+  ours_std: float  # across seeds
+  torch_mean: float
+  torch_std: float
+  agrees: bool  # |ours − torch| ≤ the larger of the two spreads across seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+  ours_images_per_s: float
+  torch_nchw_images_per_s: float
+  torch_channels_last_images_per_s: float
+  rounds: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Parity:
+  model: str
+  steps: int
+  seeds: int
+  batch_size: int
+  torch_version: str
+  ours_losses: list[list[float]]  # [seed][step]
+  torch_losses: list[list[float]]
+  first_steps_max_rel_diff: float  # float32, the run above
+  float64_ours: list[float]  # the first steps again, in float64 (seed 0's start)
+  float64_torch: list[float]
+  float64_max_rel_diff: float
+  first_steps_agree: bool  # in float64, within FIRST_STEPS_RTOL
+  windows: list[Window]
+  curves_agree: bool  # every window agrees
+  speed: Speed | None
+
+
+def normalizer(exp):
+  """Our train step's normalisation of uint8 batches (no mixing is configured), compiled."""
+  import jax
+  from resnet_jax.data.device_ops import InputTransform
+  return jax.jit(InputTransform(mean=exp.dataset.mean, std=exp.dataset.std).eval_images)
+
+
+def float64_first_steps(model: str, config, batches: list[dict[str, np.ndarray]],
+                        learning_rates: list[float], mean, std, seed: int
+                        ) -> tuple[list[float], list[float]]:
+  """The losses of the first steps in float64 on both sides, from our float64 initial weights.
+
+  In float32, SGD at lr 0.1 amplifies rounding (reduction order alone: our jit and pmap
+  steps differ by 4e-4 at step 3), so float32 losses cannot show that both sides compute
+  the same thing beyond the first step; in float64 any difference left is one of meaning
+  (optimizer, weight decay, BatchNorm, schedule), not of rounding.
+  """
+  import functools
+  import jax
+  import jax.numpy as jnp
+  from resnet_jax.data.device_ops import InputTransform
+  from resnet_jax.models import create_model
+  from resnet_jax.training import optimizers, steps
+  from resnet_jax.training.train_state import create_train_state
+  with jax.enable_x64(True):
+    net = create_model(model, num_classes=10, dtype=jnp.float64, param_dtype=jnp.float64,
+                       layer_impl="plain")
+    schedule = lambda step: jnp.asarray(learning_rates)[step]  # noqa: E731
+    tx = optimizers.create_optimizer(config, schedule)
+    image_shape = batches[0]["image"].shape[1:]
+    state = create_train_state(jax.random.PRNGKey(seed), net, tx, image_shape)
+    inputs = InputTransform(mean=mean, std=std, dtype=jnp.float64)
+    step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=schedule, inputs=inputs))
+    normalize = jax.jit(inputs.eval_images)
+    variables = jax.device_get(state.variables)
+    ours = []
+    for batch in batches:
+      state, metrics = step(state, batch)
+      ours.append(float(metrics["loss"]))
+    torch_batches = [(np.asarray(normalize(b["image"])).transpose(0, 3, 1, 2).copy(), b["label"])
+                     for b in batches]
+  theirs = torch_train(model, variables, torch_batches, learning_rates, config.momentum,
+                       config.weight_decay)
+  return ours, theirs
+
+
+def torch_train(model: str, variables: dict, batches: list[tuple[np.ndarray, np.ndarray]],
+                learning_rates: list[float], momentum: float, weight_decay: float
+                ) -> list[float]:
+  """Trains the PyTorch twin of `model` from `variables` on `batches` (NCHW floats);
+  returns the loss of each step (before its update)."""
+  import torch
+  from resnet_jax.interop import torch_cifar
+  net = torch_cifar.from_variables(model, variables).train()
+  optimizer = torch.optim.SGD(net.parameters(), lr=learning_rates[0], momentum=momentum,
+                              weight_decay=weight_decay)
+  losses = []
+  for (images, labels), learning_rate in zip(batches, learning_rates):
+    for group in optimizer.param_groups:
+      group["lr"] = learning_rate
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(images)),
+                                             torch.from_numpy(labels.copy()).long())
+    loss.backward()
+    optimizer.step()
+    losses.append(loss.item())
+  return losses
+
+
+def windows_of(ours: np.ndarray, theirs: np.ndarray, window: int) -> list[Window]:
+  """Window-by-window comparison of [seed, step] loss curves."""
+  result = []
+  for start in range(0, ours.shape[1], window):
+    ours_w = ours[:, start:start + window].mean(axis=1)
+    theirs_w = theirs[:, start:start + window].mean(axis=1)
+    spread = max(float(np.std(ours_w)), float(np.std(theirs_w)))
+    difference = abs(float(np.mean(ours_w)) - float(np.mean(theirs_w)))
+    result.append(Window(start + 1, min(start + window, ours.shape[1]), float(np.mean(ours_w)),
+                         float(np.std(ours_w)), float(np.mean(theirs_w)),
+                         float(np.std(theirs_w)), difference <= spread))
+  return result
+
+
+def time_steps(model: str, config, rounds: int) -> Speed:
+  """One train step of ours and of PyTorch's (NCHW, channels-last) in turn, `rounds` times."""
+  import torch
+  from resnet_jax.bench.throughput import step_timer
+  from resnet_jax.interop import torch_cifar
+  from resnet_jax.training import loop
+  exp = loop.setup(config)
+  ours = step_timer(exp)
+  batch = next(loop.train_batches(exp, 0))
+  images = np.asarray(normalizer(exp)(batch["image"]))
+  labels = torch.from_numpy(batch["label"].copy()).long()
+
+  def torch_timer(channels_last: bool):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = torch_cifar.cifar_resnet(model, num_classes=exp.model.num_classes).train()
+    net = net.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(memory_format=memory_format)
+
+    def step() -> float:
+      start = time.perf_counter()
+      optimizer.zero_grad(set_to_none=True)
+      torch.nn.functional.cross_entropy(net(x), labels).backward()
+      optimizer.step()
+      return time.perf_counter() - start
+    step()  # warm-up
+    return step
+
+  timers = [ours, torch_timer(False), torch_timer(True)]
+  times = [[] for _ in timers]
+  for _ in range(rounds):
+    for timer, seconds in zip(timers, times):
+      seconds.append(timer())
+  per_s = [config.batch_size / statistics.median(t) for t in times]
+  return Speed(*per_s, rounds=rounds)
+
+
+def run(cifar_dir: str, workdir: str, model: str, steps: int, seeds: int, batch_size: int,
+        window: int, speed_rounds: int) -> Parity:
+  import jax
+  import torch
+  from resnet_jax.bench import degradation
+  from resnet_jax.training import loop, optimizers, population
+
+  config = degradation.run_config(model, cifar_dir, os.path.join(workdir, "tensorflow_datasets"),
+                                  steps, eval_every=steps, log_every=steps)
+  config.batch_size = batch_size
+  config.weight_decay_on_norm_and_bias = True  # PyTorch's SGD decays every parameter
+  config.population_size = seeds
+  exp = loop.setup(config)
+  initial = jax.device_get(exp.initial_state)
+  dp = exp.data_parallel
+  state = dp.put_state(exp.initial_state)
+  ours, batches = [], []
+  normalize = normalizer(exp)
+  first_batches = []
+  for batch in itertools.islice(loop.train_batches(exp, 0), steps):
+    if len(first_batches) < FIRST_STEPS:
+      first_batches.append(batch)
+    state, metrics = dp.train_step(state, dp.put_batch(batch))
+    ours.append(np.atleast_1d(jax.device_get(metrics["loss"])))
+    batches.append((np.asarray(normalize(batch["image"])).transpose(0, 3, 1, 2).copy(),
+                    batch["label"]))
+  ours = np.stack(ours, axis=1)  # [seed, step]
+  schedule = optimizers.create_learning_rate_schedule(config, exp.steps_per_epoch, steps)
+  learning_rates = [float(schedule(step)) for step in range(steps)]
+  theirs = np.asarray([
+      torch_train(model, jax.tree.map(np.asarray, {
+          "params": population.member(initial.params, i) if seeds > 1 else initial.params,
+          "batch_stats": (population.member(initial.batch_stats, i) if seeds > 1
+                          else initial.batch_stats)}),
+                  batches, learning_rates, config.momentum, config.weight_decay)
+      for i in range(seeds)])
+  first = np.abs(ours[:, :FIRST_STEPS] - theirs[:, :FIRST_STEPS]) / np.abs(theirs[:, :FIRST_STEPS])
+  ours64, theirs64 = float64_first_steps(model, config, first_batches,
+                                         learning_rates[:FIRST_STEPS], exp.dataset.mean,
+                                         exp.dataset.std, config.seed)
+  first64 = float(np.max(np.abs(np.subtract(ours64, theirs64)) / np.abs(theirs64)))
+  windows = windows_of(ours, theirs, window)
+  single = config.copy_and_resolve_references()
+  single.population_size = 1
+  speed = time_steps(model, single, speed_rounds) if speed_rounds else None
+  return Parity(model, steps, seeds, batch_size, torch.__version__, ours.tolist(),
+                theirs.tolist(), float(first.max()), ours64, theirs64, first64,
+                first64 <= FIRST_STEPS_RTOL, windows, all(w.agrees for w in windows), speed)
+
+
+def format_report(p: Parity) -> str:
+  lines = [f"# Training parity: {p.model} in resnet_jax and PyTorch {p.torch_version}",
+           "",
+           f"{p.seeds} seeds, {p.steps} steps of {p.batch_size}, the same initial weights and "
+           "batches on both sides.",
+           "",
+           f"- First {FIRST_STEPS} steps in float64: largest relative loss difference "
+           f"{p.float64_max_rel_diff:.1e} ({'within' if p.first_steps_agree else 'OUTSIDE'} "
+           f"{FIRST_STEPS_RTOL:g}); in float32 (the run below) "
+           f"{p.first_steps_max_rel_diff:.1e}: SGD at this learning rate amplifies rounding.",
+           f"- Loss curves: {sum(w.agrees for w in p.windows)} of {len(p.windows)} windows agree "
+           "within the spread across seeds.",
+           "",
+           "| steps | ours: mean ± std | PyTorch: mean ± std | difference | agree |",
+           "|---|---|---|---|---|"]
+  for w in p.windows:
+    lines.append(f"| {w.first_step}–{w.last_step} | {w.ours_mean:.4f} ± {w.ours_std:.4f} | "
+                 f"{w.torch_mean:.4f} ± {w.torch_std:.4f} | "
+                 f"{abs(w.ours_mean - w.torch_mean):.4f} | {'yes' if w.agrees else 'NO'} |")
+  if p.speed:
+    s = p.speed
+    lines += ["", f"Train step, batch {p.batch_size}, float32 (median of {s.rounds} rounds, "
+              "one step of each in turn):", "",
+              "| | images/s | ours / theirs |", "|---|---|---|",
+              f"| resnet_jax | {s.ours_images_per_s:.0f} | |",
+              f"| PyTorch NCHW | {s.torch_nchw_images_per_s:.0f} | "
+              f"{s.ours_images_per_s / s.torch_nchw_images_per_s:.2f} |",
+              f"| PyTorch channels-last | {s.torch_channels_last_images_per_s:.0f} | "
+              f"{s.ours_images_per_s / s.torch_channels_last_images_per_s:.2f} |"]
+  return "\n".join(lines)
+
+
+def plot(p: Parity, path: str) -> None:
+  """Each seed's loss curve on both sides, and the two means."""
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(8, 4.5))
+  ax = fig.subplots()
+  steps = np.arange(1, p.steps + 1)
+  for losses, color, name in ((p.ours_losses, "tab:blue", "resnet_jax"),
+                              (p.torch_losses, "tab:orange", "PyTorch")):
+    for seed_losses in losses:
+      ax.plot(steps, seed_losses, color=color, alpha=0.25, linewidth=0.8)
+    ax.plot(steps, np.mean(losses, axis=0), color=color, linewidth=2,
+            label=f"{name}: mean of {p.seeds} seeds")
+  ax.set(xlabel="step", ylabel="train loss", yscale="log",
+         title=f"{p.model}: resnet_jax and PyTorch from the same start, on the same batches")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = cli.parser_for("resnet_jax.bench.torch_parity", __doc__)
+  parser.add_argument("--cifar_dir", required=True, help="the folder holding train/<class>/")
+  parser.add_argument("--model", default="resnet20")
+  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--window", type=int, default=25, help="steps per compared window")
+  parser.add_argument("--speed_rounds", type=int, default=10, help="0: no speed comparison")
+  parser.add_argument("--out", default="runs/torch_parity")
+  args = parser.parse_args(argv)
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    parser.error("needs torch: pip install torch (it is not a dependency of resnet_jax)")
+  if not os.path.isdir(os.path.join(args.cifar_dir, "train")):
+    parser.error(f"--cifar_dir={args.cifar_dir}: no train/ folder in it; unpack "
+                 "cifar10-train-jpeg.tar.gz and pass the directory holding train/")
+  os.makedirs(args.out, exist_ok=True)
+  parity = run(args.cifar_dir, os.path.abspath(args.out), args.model, args.steps, args.seeds,
+               args.batch_size, args.window, args.speed_rounds)
+  report = format_report(parity)
+  print(report)
+  with open(os.path.join(args.out, "parity.md"), "w") as f:
+    f.write(report + "\n")
+  write_json(os.path.join(args.out, "parity.json"), dataclasses.asdict(parity))
+  plot(parity, os.path.join(args.out, "loss_curves.png"))
+  if not (parity.first_steps_agree and parity.curves_agree):
+    raise SystemExit(1)
+
+
+if __name__ == "__main__":
+  import torch  # noqa: F401  (before TensorFlow, which the input pipeline loads: the other
+  # order crashes in some builds)
+  malloc_tuning.reexec_with_malloc_tuning()
+  main()
