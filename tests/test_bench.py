@@ -265,8 +265,9 @@ def test_budget_curve_trains_each_budget_and_schedule_once(tmp_path, capsys):
   assert "| step | 2 |" in (tmp_path / "budget" / "budget.md").read_text()
   assert os.path.getsize(tmp_path / "budget" / "budget.png") > 0
   capsys.readouterr()
-  budget_curve.main(argv)  # finished runs are read back, not trained again
+  budget_curve.main(argv[:-2] + ["--budgets=1", "--schedules=step"])  # not trained again
   assert "steps:" not in capsys.readouterr().out
+  assert len(json.loads((tmp_path / "budget" / "budget.json").read_text())) == 4  # all so far
 
 
 def test_gpu_report_stops_the_table_row_at_its_deadline_with_a_checkpoint(tmp_path):

@@ -149,3 +149,12 @@ def test_accelerator_overrides_replace_the_preset_figures():
   assert (custom.peak_tflops, custom.interconnect_gbytes_per_s) == (989.0, 50.0)
   with pytest.raises(ValueError, match="tpu_v4, tpu_v5e, h100_sxm"):
     step_time.accelerator("tpu_v9")
+
+
+def test_a_population_is_planned_as_one_vmapped_program():
+  from resnet_jax.bench.dry_run import plan_config
+  config = base_config()
+  config.population_size, config.population_mode = 3, "loop"
+  planned = plan_config(config)
+  assert (planned.population_size, planned.population_mode) == (3, "vmap")
+  assert config.population_mode == "loop"  # the caller's config is left as it was

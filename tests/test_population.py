@@ -71,6 +71,21 @@ def test_member_i_is_the_single_run_with_seed_plus_i_and_its_hyperparameters(
     assert int(member.step) == int(single.step) == 3
 
 
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_a_population_under_pmap_equals_it_under_jit(digits_data_dir, mode):
+  # Two steps: float32 drift through reduction order shows from step 3 (see test_training).
+  config = digits_config(digits_data_dir, population_size=2, population_mode=mode,
+                         population_learning_rates=LEARNING_RATES)
+  jit_states, jit_history = run_steps(config, 2)
+  config.parallelism = "pmap"
+  pmap_states, pmap_history = run_steps(config, 2)
+  np.testing.assert_allclose([m["loss"] for m in pmap_history],
+                             [m["loss"] for m in jit_history], rtol=1e-5)
+  chex.assert_trees_all_close(pmap_states.params, jit_states.params, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(pmap_states.batch_stats, jit_states.batch_stats, rtol=1e-4,
+                              atol=1e-5)
+
+
 def test_a_member_with_learning_rate_zero_keeps_its_initial_weights(digits_data_dir):
   config = digits_config(digits_data_dir, population_size=2,
                          population_learning_rates=(0.0, 0.05))

@@ -10,7 +10,8 @@ momentum 0.9, lr 0.1, weight decay 1e-4, batch 128, 45k/5k split) compressed to 
 48k of 64k; "cosine" decays it to 0 over the steps. Reports the final validation accuracy
 with the wall time of each run (compile, training and evaluations; a resumed run counts
 only its last session) and the time spent in train steps; writes WORKDIR/budget.md,
-WORKDIR/budget.json and WORKDIR/budget.png. Runs resume; finished ones are read back.
+WORKDIR/budget.json and WORKDIR/budget.png, with every finished run in WORKDIR (earlier
+invocations' too). Runs resume; finished ones are not trained again.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from resnet_jax.bench import degradation, write_json
 from resnet_jax.training import loop, reporting
 
 SCHEDULES = ("step", "cosine")
+RESULT_FILE = "budget_run.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,17 @@ def train_run(config, run_dir: str, schedule: str) -> BudgetRun:
   return BudgetRun(config.model, schedule, config.num_train_steps, epochs,
                    metrics["eval/accuracy"], (time.perf_counter() - start) / 60,
                    degradation.training_minutes(run_dir, config.batch_size))
+
+
+def finished_runs(workdir: str, model: str) -> list[BudgetRun]:
+  """Every finished run of `model` in `workdir`, this invocation's and earlier ones'."""
+  runs = []
+  for name in sorted(os.listdir(workdir)):
+    result_file = os.path.join(workdir, name, RESULT_FILE)
+    if name.startswith(f"{model}_") and os.path.exists(result_file):
+      with open(result_file) as f:
+        runs.append(BudgetRun(**json.load(f)))
+  return runs
 
 
 def format_table(runs: list[BudgetRun]) -> str:
@@ -115,20 +128,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                  f"{', '.join(SCHEDULES)}")
   workdir = os.path.abspath(args.workdir)
   data_dir = os.path.join(workdir, "tensorflow_datasets")
-  runs = []
   for schedule in schedules:
     for steps in budgets:
       run_dir = os.path.join(workdir, f"{args.model}_{schedule}_{steps}")
-      result_file = os.path.join(run_dir, "budget_run.json")
+      result_file = os.path.join(run_dir, RESULT_FILE)
       if os.path.exists(result_file):
-        with open(result_file) as f:
-          runs.append(BudgetRun(**json.load(f)))
         continue
       run = train_run(run_config(args.model, args.cifar_dir, data_dir, steps, schedule),
                       run_dir, schedule)
       write_json(result_file, dataclasses.asdict(run))
       print(f"{schedule}, {steps} steps: {run.val_accuracy:.2%} in {run.wall_minutes:.1f} min")
-      runs.append(run)
+  runs = finished_runs(workdir, args.model)  # with those of earlier invocations
   table = format_table(runs)
   print(table)
   with open(os.path.join(workdir, "budget.md"), "w") as f:

@@ -85,7 +85,8 @@ def plan_config(config: ml_collections.ConfigDict,
   """`config` for the dry run: global batch `per_device_batch` × devices (0: as configured).
 
   Drops what only the real run reads: `init_from` (weights change no shape) and the
-  eval-time linear probes.
+  eval-time linear probes. A population is planned as one program (`population_mode`
+  "vmap", what accelerators run), which is what a pod's memory must hold.
   """
   if config.parallelism != "jit":
     raise ValueError(f"--dry_run compiles the jit-mode step, and config.parallelism="
@@ -98,6 +99,8 @@ def plan_config(config: ml_collections.ConfigDict,
   if per_device_batch:
     planned.batch_size = per_device_batch * jax.device_count()
   planned.init_from, planned.replace_head, planned.linear_probe_dataset = "", False, ""
+  if planned.population_size > 1:
+    planned.population_mode = "vmap"
   return planned
 
 

@@ -107,8 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_seed = -1  # the input stream's order and augmentation; -1: the same as seed.
 
   # Populations: population_size members, member i being the run with seed + i (and its own
-  # learning rate and weight decay when these lists give one per member), trained by one
-  # compiled program on the one input stream that data_seed makes (training/population.py).
+  # learning rate and weight decay when these lists give one per member), trained together
+  # on the one input stream that data_seed makes (training/population.py).
   c.population_size = 1
   c.population_learning_rates = ()  # (): every member at learning_rate
   c.population_weight_decays = ()  # (): every member at weight_decay
