@@ -148,7 +148,7 @@ def plot(rows: list[Row], path: str) -> None:
       ax.plot([r.depth] * len(r.errors), r.errors, ".", color=color, alpha=0.5)
   paper = sorted((int(m.removeprefix("resnet")), e) for m, e in PAPER_ERRORS.items())
   ax.plot(*zip(*paper), "s--", color="tab:red", label="paper (64k steps, best)")
-  ax.set(xlabel="depth (layers)", ylabel="error (%)", xscale="log",
+  ax.set(xlabel="depth (layers)", ylabel="error (%)",
          title="CIFAR-10: error against depth")
   ax.set_xticks([d for d, _ in paper], [str(d) for d, _ in paper])
   ax.grid(alpha=0.3)
