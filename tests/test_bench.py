@@ -283,3 +283,13 @@ def test_gpu_report_stops_the_table_row_at_its_deadline_with_a_checkpoint(tmp_pa
   assert "## Throughput" in report and "population, loop" in report
   assert "step 1 of 1000" in report and "no evaluation yet" in report
   assert os.listdir(tmp_path / "report" / "table" / "resnet8" / "checkpoints") == ["1"]
+
+
+def test_the_cifar_nets_are_timed_against_the_papers_net_in_pytorch():
+  pytest.importorskip("torch")
+  from resnet_jax.bench import torch_reference
+  result = torch_reference.time_torch("resnet8", batch_size=8, image_size=8, dtype="float32",
+                                      steps=1, warmup_steps=1, channels_last=True,
+                                      num_classes=10)
+  assert (result.source, result.memory_format) == ("torch_cifar", "channels_last")
+  assert result.images_per_sec > 0 and torch_reference.torch_available("resnet20")

@@ -1,8 +1,10 @@
-"""Train-step throughput against a matmul ceiling, the plain conv path and torchvision.
+"""Train-step throughput against a matmul ceiling, the plain conv path and PyTorch.
 
   python -m resnet_jax.bench.throughput --model resnet50 --batch_size 256 --dtype bfloat16
   python -m resnet_jax.bench.throughput --model resnet50 --batch_size 8 --dtype float32 \
       --compare_torch
+  python -m resnet_jax.bench.throughput --model resnet20 --batch_size 128 --image_size 32 \
+      --dtype float32 --compare_torch
 
 Runs the real train step (`setup(config)` and its `DataParallel`, as train.py does) on
 "fake" data fed by the real `train_batches` iterator and put on the devices every step.
@@ -12,7 +14,8 @@ and the process's page faults and kernel time per step (see `resnet_jax/malloc_t
 In the same run it times the plain path (`layer_impl="plain"`: XLA's own convolution
 and reduce-window) when ours differs from it, then one step of ours and one of plain in
 turn for `--steps` rounds (a ratio that holds where the machine's speed drifts), and with
-`--compare_torch` torchvision's model (NCHW and channels-last), and prints ours / theirs.
+`--compare_torch` the model in PyTorch (torchvision's, or for the paper's CIFAR nets
+`interop.torch_cifar`; NCHW and channels-last), and prints ours / theirs.
 Run as a program, it turns JAX's persistent compilation cache off, so that the first step
 includes a real compilation.
 """
@@ -250,14 +253,14 @@ class Comparison:
     if self.plain_interleaved:
       ratios["plain_interleaved"] = statistics.median(self.plain_interleaved)
     for t in self.torch:
-      ratios[f"torchvision_{t.memory_format}"] = self.ours.images_per_sec / t.images_per_sec
+      ratios[f"{t.source}_{t.memory_format}"] = self.ours.images_per_sec / t.images_per_sec
     return ratios
 
 
 def compare(config: ml_collections.ConfigDict, *, steps: int, warmup_steps: int,
             matmul_size: int, matmul_reps: int, compare_plain: bool = True,
             compare_torch: bool = False) -> Comparison:
-  """Benchmarks `config`, then the plain conv path and torchvision, one after the other;
+  """Benchmarks `config`, then the plain conv path and PyTorch, one after the other;
   then ours and plain again, one step of each in turn for `steps` rounds."""
   measure = dict(steps=steps, warmup_steps=warmup_steps, matmul_size=matmul_size,
                  matmul_reps=matmul_reps)
@@ -269,9 +272,10 @@ def compare(config: ml_collections.ConfigDict, *, steps: int, warmup_steps: int,
     plain, plain_exp = benchmark(plain_config, **measure)
     interleaved = interleaved_ratios(ours_exp, plain_exp, steps)
   torch_results = [
-      torch_reference.time_torchvision(
+      torch_reference.time_torch(
           config.model, batch_size=config.batch_size, image_size=ours.image_size,
-          dtype=config.dtype, steps=steps, warmup_steps=warmup_steps, channels_last=layout)
+          dtype=config.dtype, steps=steps, warmup_steps=warmup_steps, channels_last=layout,
+          num_classes=ours_exp.model.num_classes)
       for layout in ((False, True) if compare_torch else ())]
   return Comparison(ours, plain, torch_results, interleaved)
 
@@ -286,8 +290,8 @@ def format_comparison(c: Comparison) -> str:
   if c.plain is not None:
     lines.append(f"{'plain (layer_impl=plain)':<26} {c.plain.images_per_sec:>10.2f} img/s")
   for t in c.torch:
-    name = f"torchvision {t.memory_format}" + (f" {t.autocast_dtype} AMP" if t.autocast_dtype
-                                                else "")
+    name = f"{t.source} {t.memory_format}" + (f" {t.autocast_dtype} AMP" if t.autocast_dtype
+                                               else "")
     lines.append(f"{name:<26} {t.images_per_sec:>10.2f} img/s")
   lines += [f"ours / {name}: {ratio:.2f}x" for name, ratio in c.speedups().items()
             if name != "plain_interleaved"]
@@ -318,13 +322,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--no_compare_plain", dest="compare_plain", action="store_false",
                       help="skip timing the plain path (layer_impl=plain)")
   parser.add_argument("--compare_torch", action="store_true",
-                      help="also time torchvision's model (needs torch and torchvision)")
+                      help="also time the model in PyTorch: torchvision's, or the paper's CIFAR "
+                           "net (needs torch, and torchvision for its models)")
   parser.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
   args = parser.parse_args(argv)
   if min(args.steps, args.matmul_reps, args.matmul_size or 1) < 1 or args.warmup_steps < 0:
     parser.error("--steps, --matmul_reps and --matmul_size must be >= 1, --warmup_steps >= 0")
-  if args.compare_torch and not torch_reference.torch_available():
-    parser.error("--compare_torch needs torch and torchvision: pip install torch torchvision")
+  if args.compare_torch and not torch_reference.torch_available(args.model):
+    parser.error("--compare_torch needs torch (and torchvision for its models): pip install "
+                 "torch torchvision")
   config = benchmark_config(args.model, batch_size=args.batch_size, image_size=args.image_size,
                             dtype=args.dtype, parallelism=args.parallelism,
                             num_train_steps=1 + args.warmup_steps + args.steps)

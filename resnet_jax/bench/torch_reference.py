@@ -1,10 +1,11 @@
-"""torchvision's ResNet train step, timed as a reference for `bench.throughput --compare_torch`.
+"""PyTorch's train step of our model, timed as a reference for `bench.throughput --compare_torch`.
 
-The same model, batch and image size as ours, trained the usual PyTorch way: SGD with
-momentum 0.9 and weight decay 1e-4, cross-entropy, `zero_grad`/`backward`/`step`. Float32
-on CPU; on CUDA, bfloat16 or float16 autocast (AMP) when ours runs in those dtypes. Timed
-in NCHW and in channels-last memory format, which is faster on most CPUs and GPUs.
-Needs `torch` and `torchvision` (not dependencies of resnet_jax).
+The same model, batch and image size as ours (torchvision's ResNets; for the paper's CIFAR
+nets, `interop.torch_cifar`), trained the usual PyTorch way: SGD with momentum 0.9 and
+weight decay 1e-4, cross-entropy, `zero_grad`/`backward`/`step`. Float32 on CPU; on CUDA,
+bfloat16 or float16 autocast (AMP) when ours runs in those dtypes. Timed in NCHW and in
+channels-last memory format, which is faster on most CPUs and GPUs. Needs `torch`, and
+`torchvision` for its models (neither is a dependency of resnet_jax).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from resnet_jax.models import create_model
+
 
 @dataclasses.dataclass(frozen=True)
 class TorchResult:
+  source: str  # "torchvision", or "torch_cifar" (the paper's CIFAR nets, interop.torch_cifar)
   memory_format: str  # "nchw" or "channels_last"
   device: str
   autocast_dtype: str  # "" when not autocasting
@@ -22,35 +26,51 @@ class TorchResult:
   images_per_sec: float
 
 
-def torch_available() -> bool:
+def is_cifar_net(model: str) -> bool:
+  """Whether `model` is one of the paper's CIFAR nets (compared with interop.torch_cifar)."""
+  return create_model(model).stem == "cifar"
+
+
+def torch_available(model: str) -> bool:
+  """Whether what `model`'s PyTorch reference needs is installed."""
   try:
     import torch  # noqa: F401
-    import torchvision  # noqa: F401
+    if not is_cifar_net(model):
+      import torchvision  # noqa: F401
   except ImportError:
     return False
   return True
 
 
-def time_torchvision(model: str, *, batch_size: int, image_size: int, dtype: str, steps: int,
-                     warmup_steps: int, channels_last: bool) -> TorchResult:
-  """Mean train-step time of torchvision's `model` on random images (after warm-up)."""
-  import torch
+def torch_model(model: str, num_classes: int):
+  """(source, the PyTorch twin of registry model `model`)."""
+  if is_cifar_net(model):
+    from resnet_jax.interop import torch_cifar
+    return "torch_cifar", torch_cifar.cifar_resnet(model, num_classes=num_classes)
   import torchvision
-
   if not hasattr(torchvision.models, model):
     raise ValueError(f"torchvision has no model {model!r} to compare with")
+  return "torchvision", getattr(torchvision.models, model)(num_classes=num_classes)
+
+
+def time_torch(model: str, *, batch_size: int, image_size: int, dtype: str, steps: int,
+               warmup_steps: int, channels_last: bool, num_classes: int = 1000) -> TorchResult:
+  """Mean train-step time of the PyTorch twin of `model` on random images (after warm-up)."""
+  import torch
+
+  source, net = torch_model(model, num_classes)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
   if device == "cpu":
     autocast = None  # CPU autocast is a different, slower path; compare float32 with float32
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
-  net = getattr(torchvision.models, model)(num_classes=1000).to(device, memory_format=memory_format)
+  net = net.to(device, memory_format=memory_format)
   optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
   scaler = torch.amp.GradScaler(device, enabled=autocast == torch.float16)
   generator = torch.Generator().manual_seed(0)
   images = torch.rand(batch_size, 3, image_size, image_size, generator=generator).to(
       device, memory_format=memory_format)
-  labels = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
+  labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
 
   def step() -> None:
     optimizer.zero_grad(set_to_none=True)
@@ -73,6 +93,6 @@ def time_torchvision(model: str, *, batch_size: int, image_size: int, dtype: str
     step()
   synchronize()
   step_s = (time.perf_counter() - start) / steps
-  return TorchResult("channels_last" if channels_last else "nchw", device,
+  return TorchResult(source, "channels_last" if channels_last else "nchw", device,
                      str(autocast).removeprefix("torch.") if autocast else "", step_s * 1e3,
                      batch_size / step_s)
