@@ -242,6 +242,7 @@ def test_torch_parity_trains_both_from_the_same_start_on_the_same_batches(tmp_pa
                             batch_size=32, window=2, speed_rounds=1)
   assert np.shape(parity.ours_losses) == np.shape(parity.torch_losses) == (2, 4)
   assert parity.first_steps_agree and parity.float64_max_rel_diff < 1e-12  # the same sums
+  assert parity.float64_running_means_max_rel_diff < 1e-12
   assert parity.ours_losses[0] != parity.ours_losses[1]  # two seeds, two starts
   assert [(w.first_step, w.last_step) for w in parity.windows] == [(1, 2), (3, 4)]
   assert parity.speed.torch_channels_last_images_per_s > 0
@@ -293,3 +294,21 @@ def test_the_cifar_nets_are_timed_against_the_papers_net_in_pytorch():
                                       num_classes=10)
   assert (result.source, result.memory_format) == ("torch_cifar", "channels_last")
   assert result.images_per_sec > 0 and torch_reference.torch_available("resnet20")
+
+
+def test_our_training_steps_equal_pytorchs_in_float64_recorded_fixture():
+  # PyTorch's losses were recorded by tests/fixtures/make_torch_parity_losses.py; no torch here.
+  import torch_parity_case as case
+  fixture = np.load(os.path.join(os.path.dirname(__file__), "fixtures",
+                                 "torch_parity_losses.npz"))
+  ours = case.our_steps()
+  if case.fingerprint(ours.initial_variables, ours.torch_batches) != str(fixture["fingerprint"]):
+    pytest.fail("Fixture drift, not a parity failure: the initial weights or batches differ "
+                f"from those the fixture was made with ({fixture['versions']}); regenerate it "
+                "with python tests/fixtures/make_torch_parity_losses.py")
+  np.testing.assert_allclose(ours.losses, fixture["losses"], rtol=1e-12)
+  theirs = {k.removeprefix("running_mean/"): fixture[k] for k in fixture.files
+            if k.startswith("running_mean/")}
+  assert set(theirs) == set(ours.running_means) and len(theirs) == 7  # stem + 3 blocks × 2
+  from resnet_jax.bench import torch_parity
+  assert torch_parity.max_relative_difference(ours.running_means, theirs) < 1e-12

@@ -30,6 +30,7 @@ import numpy as np
 
 from resnet_jax import cli, malloc_tuning
 from resnet_jax.bench import write_json
+from resnet_jax.interop import to_state_dict
 
 FIRST_STEPS = 3
 FIRST_STEPS_RTOL = 1e-4
@@ -67,7 +68,8 @@ class Parity:
   float64_ours: list[float]  # the first steps again, in float64 (seed 0's start)
   float64_torch: list[float]
   float64_max_rel_diff: float
-  first_steps_agree: bool  # in float64, within FIRST_STEPS_RTOL
+  float64_running_means_max_rel_diff: float  # of every BatchNorm's, after those steps
+  first_steps_agree: bool  # in float64, losses and running means within FIRST_STEPS_RTOL
   windows: list[Window]
   curves_agree: bool  # every window agrees
   speed: Speed | None
@@ -80,15 +82,25 @@ def normalizer(exp):
   return jax.jit(InputTransform(mean=exp.dataset.mean, std=exp.dataset.std).eval_images)
 
 
-def float64_first_steps(model: str, config, batches: list[dict[str, np.ndarray]],
-                        learning_rates: list[float], mean, std, seed: int
-                        ) -> tuple[list[float], list[float]]:
-  """The losses of the first steps in float64 on both sides, from our float64 initial weights.
+@dataclasses.dataclass(frozen=True)
+class Float64Steps:
+  """Our first steps in float64, and what PyTorch needs to take the same ones."""
+
+  losses: list[float]
+  initial_variables: dict  # {"params", "batch_stats"}: host float64 arrays
+  torch_batches: list[tuple[np.ndarray, np.ndarray]]  # normalised NCHW float64, labels
+  running_means: dict[str, np.ndarray]  # after the steps, by PyTorch's name ("bn1.running_mean")
+
+
+def float64_steps(model: str, config, batches: list[dict[str, np.ndarray]],
+                  learning_rates: list[float], mean, std, seed: int, num_classes: int = 10
+                  ) -> Float64Steps:
+  """Our train step in float64 (plain layers) on `batches` from the initial weights of `seed`.
 
   In float32, SGD at lr 0.1 amplifies rounding (reduction order alone: our jit and pmap
-  steps differ by 4e-4 at step 3), so float32 losses cannot show that both sides compute
-  the same thing beyond the first step; in float64 any difference left is one of meaning
-  (optimizer, weight decay, BatchNorm, schedule), not of rounding.
+  steps differ by 4e-4 at step 3), so float32 losses cannot show that two implementations
+  compute the same thing beyond the first step; in float64 any difference left is one of
+  meaning (optimizer, weight decay, BatchNorm, schedule), not of rounding.
   """
   import functools
   import jax
@@ -98,8 +110,8 @@ def float64_first_steps(model: str, config, batches: list[dict[str, np.ndarray]]
   from resnet_jax.training import optimizers, steps
   from resnet_jax.training.train_state import create_train_state
   with jax.enable_x64(True):
-    net = create_model(model, num_classes=10, dtype=jnp.float64, param_dtype=jnp.float64,
-                       layer_impl="plain")
+    net = create_model(model, num_classes=num_classes, dtype=jnp.float64,
+                       param_dtype=jnp.float64, layer_impl="plain")
     schedule = lambda step: jnp.asarray(learning_rates)[step]  # noqa: E731
     tx = optimizers.create_optimizer(config, schedule)
     image_shape = batches[0]["image"].shape[1:]
@@ -108,22 +120,48 @@ def float64_first_steps(model: str, config, batches: list[dict[str, np.ndarray]]
     step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=schedule, inputs=inputs))
     normalize = jax.jit(inputs.eval_images)
     variables = jax.device_get(state.variables)
-    ours = []
+    losses = []
     for batch in batches:
       state, metrics = step(state, batch)
-      ours.append(float(metrics["loss"]))
+      losses.append(float(metrics["loss"]))
     torch_batches = [(np.asarray(normalize(b["image"])).transpose(0, 3, 1, 2).copy(), b["label"])
                      for b in batches]
-  theirs = torch_train(model, variables, torch_batches, learning_rates, config.momentum,
-                       config.weight_decay)
-  return ours, theirs
+    final = jax.device_get(state.variables)
+  return Float64Steps(losses, variables, torch_batches,
+                      running_means(to_state_dict(model, final)))
+
+
+def running_means(state_dict: dict) -> dict[str, np.ndarray]:
+  """The BatchNorm running means of a PyTorch-named state dict, as float64 arrays.
+
+  (Running variances differ by design: PyTorch keeps the unbiased batch variance, Flax the
+  biased one.)"""
+  return {k: np.asarray(v, np.float64) for k, v in state_dict.items()
+          if k.endswith("running_mean")}
+
+
+def max_relative_difference(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> float:
+  """The largest |ours − theirs| over max |theirs|, array by array (the same keys)."""
+  return max(float(np.max(np.abs(ours[k] - theirs[k])) / max(np.max(np.abs(theirs[k])), 1e-30))
+             for k in theirs)
+
+
+def float64_first_steps(model: str, config, batches: list[dict[str, np.ndarray]],
+                        learning_rates: list[float], mean, std, seed: int
+                        ) -> tuple[list[float], list[float], float]:
+  """The losses of the first steps in float64 on both sides, from our float64 initial
+  weights, and the largest relative difference of the BatchNorm running means after them."""
+  ours = float64_steps(model, config, batches, learning_rates, mean, std, seed)
+  theirs, their_means = torch_train(model, ours.initial_variables, ours.torch_batches,
+                                    learning_rates, config.momentum, config.weight_decay)
+  return ours.losses, theirs, max_relative_difference(ours.running_means, their_means)
 
 
 def torch_train(model: str, variables: dict, batches: list[tuple[np.ndarray, np.ndarray]],
                 learning_rates: list[float], momentum: float, weight_decay: float
-                ) -> list[float]:
+                ) -> tuple[list[float], dict[str, np.ndarray]]:
   """Trains the PyTorch twin of `model` from `variables` on `batches` (NCHW floats);
-  returns the loss of each step (before its update)."""
+  returns the loss of each step (before its update) and the BatchNorm running means."""
   import torch
   from resnet_jax.interop import torch_cifar
   net = torch_cifar.from_variables(model, variables).train()
@@ -139,7 +177,7 @@ def torch_train(model: str, variables: dict, batches: list[tuple[np.ndarray, np.
     loss.backward()
     optimizer.step()
     losses.append(loss.item())
-  return losses
+  return losses, running_means({k: v.numpy() for k, v in net.state_dict().items()})
 
 
 def windows_of(ours: np.ndarray, theirs: np.ndarray, window: int) -> list[Window]:
@@ -227,20 +265,20 @@ def run(cifar_dir: str, workdir: str, model: str, steps: int, seeds: int, batch_
           "params": population.member(initial.params, i) if seeds > 1 else initial.params,
           "batch_stats": (population.member(initial.batch_stats, i) if seeds > 1
                           else initial.batch_stats)}),
-                  batches, learning_rates, config.momentum, config.weight_decay)
+                  batches, learning_rates, config.momentum, config.weight_decay)[0]
       for i in range(seeds)])
   first = np.abs(ours[:, :FIRST_STEPS] - theirs[:, :FIRST_STEPS]) / np.abs(theirs[:, :FIRST_STEPS])
-  ours64, theirs64 = float64_first_steps(model, config, first_batches,
-                                         learning_rates[:FIRST_STEPS], exp.dataset.mean,
-                                         exp.dataset.std, config.seed)
+  ours64, theirs64, means64 = float64_first_steps(model, config, first_batches,
+                                                  learning_rates[:FIRST_STEPS], exp.dataset.mean,
+                                                  exp.dataset.std, config.seed)
   first64 = float(np.max(np.abs(np.subtract(ours64, theirs64)) / np.abs(theirs64)))
   windows = windows_of(ours, theirs, window)
   single = config.copy_and_resolve_references()
   single.population_size = 1
   speed = time_steps(model, single, speed_rounds) if speed_rounds else None
   return Parity(model, steps, seeds, batch_size, torch.__version__, ours.tolist(),
-                theirs.tolist(), float(first.max()), ours64, theirs64, first64,
-                first64 <= FIRST_STEPS_RTOL, windows, all(w.agrees for w in windows), speed)
+                theirs.tolist(), float(first.max()), ours64, theirs64, first64, means64,
+                max(first64, means64) <= FIRST_STEPS_RTOL, windows, all(w.agrees for w in windows), speed)
 
 
 def format_report(p: Parity) -> str:
@@ -250,8 +288,10 @@ def format_report(p: Parity) -> str:
            "batches on both sides.",
            "",
            f"- First {FIRST_STEPS} steps in float64: largest relative loss difference "
-           f"{p.float64_max_rel_diff:.1e} ({'within' if p.first_steps_agree else 'OUTSIDE'} "
-           f"{FIRST_STEPS_RTOL:g}); in float32 (the run below) "
+           f"{p.float64_max_rel_diff:.1e}, of the BatchNorm running means after them "
+           f"{p.float64_running_means_max_rel_diff:.1e} "
+           f"({'within' if p.first_steps_agree else 'OUTSIDE'} {FIRST_STEPS_RTOL:g}); "
+           "in float32 (the run below) "
            f"{p.first_steps_max_rel_diff:.1e}: SGD at this learning rate amplifies rounding.",
            f"- Loss curves: {sum(w.agrees for w in p.windows)} of {len(p.windows)} windows agree "
            "within the spread across seeds.",
