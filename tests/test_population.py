@@ -71,7 +71,7 @@ def test_member_i_is_the_single_run_with_seed_plus_i_and_its_hyperparameters(
     assert int(member.step) == int(single.step) == 3
 
 
-@pytest.mark.parametrize("mode", ["vmap", "loop"])
+@pytest.mark.parametrize("mode", [pytest.param("vmap", marks=pytest.mark.slow), "loop"])
 def test_a_population_under_pmap_equals_it_under_jit(digits_data_dir, mode):
   # Two steps: float32 drift through reduction order shows from step 3 (see test_training).
   config = digits_config(digits_data_dir, population_size=2, population_mode=mode,
