@@ -5,8 +5,9 @@
 
 Within `--minutes` of wall time, on whatever JAX's default backend is:
 1. ResNet-50 bfloat16 train throughput, jit (`bench.throughput`; batch `--throughput_batch`);
-2. a ResNet-20 population of `--seeds` at batch 128 (32², float32) against the single run's step taken
-   once per member (`bench.population`: step time and member-steps/s in each mode);
+2. a ResNet-20 population of `--seeds` at batch 128 (32², float32) against the single
+   run's step taken once per member (`bench.population`: step time and member-steps/s in
+   each mode);
 3. as much of the paper's ResNet-20 row (`bench.cifar_table`: `--seeds` seeds as one
    population, the full 64k-step schedule) as the time left allows: at the deadline the run
    stops after its current step with a checkpoint (as on SIGTERM), and the report gives the

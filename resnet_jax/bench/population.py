@@ -5,7 +5,8 @@
 Times the train step of a population of `--members` (`config.population_size`) in each
 `population_mode` ("vmap": one program, the members batched into every operation; "loop":
 the single run's compiled step once per member) against the single run's step taken once
-per member, which is what N separate runs cost. Steps alternate, one of each per round, so that all see the same machine.
+per member, which is what N separate runs cost. Steps alternate, one of each per round, so
+that all see the same machine.
 Prints step times, member-steps per second and the speed-up of each mode over N single runs,
 the figures `population.AUTO_MODES` is chosen by; `--json` keeps them.
 """

@@ -236,7 +236,7 @@ def run(cifar_dir: str, workdir: str, model: str, steps: int, seeds: int, batch_
   import jax
   import torch
   from resnet_jax.bench import degradation
-  from resnet_jax.training import loop, optimizers, population
+  from resnet_jax.training import loop, population
 
   config = degradation.run_config(model, cifar_dir, os.path.join(workdir, "tensorflow_datasets"),
                                   steps, eval_every=steps, log_every=steps)
@@ -247,19 +247,19 @@ def run(cifar_dir: str, workdir: str, model: str, steps: int, seeds: int, batch_
   initial = jax.device_get(exp.initial_state)
   dp = exp.data_parallel
   state = dp.put_state(exp.initial_state)
-  ours, batches = [], []
+  ours, batches, learning_rates = [], [], []  # PyTorch takes our learning rate of each step
   normalize = normalizer(exp)
   first_batches = []
   for batch in itertools.islice(loop.train_batches(exp, 0), steps):
     if len(first_batches) < FIRST_STEPS:
       first_batches.append(batch)
     state, metrics = dp.train_step(state, dp.put_batch(batch))
-    ours.append(np.atleast_1d(jax.device_get(metrics["loss"])))
+    metrics = jax.device_get(metrics)
+    ours.append(np.atleast_1d(metrics["loss"]))
+    learning_rates.append(float(np.atleast_1d(metrics["learning_rate"])[0]))
     batches.append((np.asarray(normalize(batch["image"])).transpose(0, 3, 1, 2).copy(),
                     batch["label"]))
   ours = np.stack(ours, axis=1)  # [seed, step]
-  schedule = optimizers.create_learning_rate_schedule(config, exp.steps_per_epoch, steps)
-  learning_rates = [float(schedule(step)) for step in range(steps)]
   theirs = np.asarray([
       torch_train(model, jax.tree.map(np.asarray, {
           "params": population.member(initial.params, i) if seeds > 1 else initial.params,
@@ -278,7 +278,8 @@ def run(cifar_dir: str, workdir: str, model: str, steps: int, seeds: int, batch_
   speed = time_steps(model, single, speed_rounds) if speed_rounds else None
   return Parity(model, steps, seeds, batch_size, torch.__version__, ours.tolist(),
                 theirs.tolist(), float(first.max()), ours64, theirs64, first64, means64,
-                max(first64, means64) <= FIRST_STEPS_RTOL, windows, all(w.agrees for w in windows), speed)
+                max(first64, means64) <= FIRST_STEPS_RTOL, windows,
+                all(w.agrees for w in windows), speed)
 
 
 def format_report(p: Parity) -> str:
