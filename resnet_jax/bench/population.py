@@ -1,4 +1,4 @@
-"""A population in one program against its members trained one after another.
+"""A population's train step, in each `population_mode`, against its members' single runs.
 
   python -m resnet_jax.bench.population --model resnet20 --members 5 --batch_size 128
 
