@@ -24,6 +24,22 @@ def short_digits_config(data_dir: str) -> ml_collections.ConfigDict:
   return c
 
 
+def run_steps(config: ml_collections.ConfigDict, num_steps: int):
+  """(final state, host metrics of each step) of `num_steps` train steps from a fresh state,
+  the state back in its replicated (checkpoint) layout, on the host."""
+  import jax
+  from resnet_jax.training import loop
+  exp = loop.setup(config)
+  dp = exp.data_parallel
+  state = dp.put_state(exp.initial_state)
+  batches = loop.train_batches(exp, 0)
+  history = []
+  for _ in range(num_steps):
+    state, metrics = dp.train_step(state, dp.put_batch(next(batches)))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(dp.get_state(state)), history
+
+
 def digit_folder(root: str, digits, per_class: int, val_per_class: int = 0) -> str:
   """An image folder of real 8×8 handwritten digits as grey PNGs (scikit-learn's set)."""
   from PIL import Image

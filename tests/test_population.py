@@ -17,7 +17,7 @@ from resnet_jax import pretrained, take_member
 from resnet_jax.storage import paths
 from resnet_jax.training import checkpointing, loop, population, reporting, run_record
 from resnet_jax.training.config import validate_config
-from short_run import short_digits_config
+from short_run import run_steps, short_digits_config
 
 LEARNING_RATES = (0.05, 0.02)
 WEIGHT_DECAYS = (1e-3, 0.0)
@@ -29,19 +29,6 @@ def digits_config(data_dir, **overrides):
   config.num_train_steps = 20
   config.update(overrides)
   return config
-
-
-def run_steps(config, num_steps):
-  """(final state, host metrics of each step) of `num_steps` steps from a fresh state."""
-  exp = loop.setup(config)
-  dp = exp.data_parallel
-  state = dp.put_state(exp.initial_state)
-  batches = loop.train_batches(exp, 0)
-  history = []
-  for _ in range(num_steps):
-    state, metrics = dp.train_step(state, dp.put_batch(next(batches)))
-    history.append(jax.device_get(metrics))
-  return jax.device_get(dp.get_state(state)), history
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,10 @@ local disk and bucket). Experiments: `transfer` and `degradation`.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -35,6 +37,13 @@ def benchmark_config(model: str, *, batch_size: int, image_size: int, dtype: str
   config.schedule = "constant"
   config.progress_bar = False
   return config
+
+
+def check_cifar_dir(parser: argparse.ArgumentParser, cifar_dir: str) -> None:
+  """Exits with a usage error unless `cifar_dir` holds the CIFAR-10 folder's train/."""
+  if not os.path.isdir(os.path.join(cifar_dir, "train")):
+    parser.error(f"--cifar_dir={cifar_dir}: no train/ folder in it; unpack "
+                 "cifar10-train-jpeg.tar.gz and pass the directory holding train/")
 
 
 def write_json(path: str, record: Any) -> None:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 
 from resnet_jax import cli, malloc_tuning
-from resnet_jax.bench import degradation, write_json
+from resnet_jax.bench import check_cifar_dir, degradation, write_json
 from resnet_jax.training import loop, reporting
 
 SCHEDULES = ("step", "cosine")
@@ -115,9 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--budgets", default="1000,2000,4000", help="comma-separated step counts")
   parser.add_argument("--schedules", default="step,cosine")
   args = parser.parse_args(argv)
-  if not os.path.isdir(os.path.join(args.cifar_dir, "train")):
-    parser.error(f"--cifar_dir={args.cifar_dir}: no train/ folder in it; unpack "
-                 "cifar10-train-jpeg.tar.gz and pass the directory holding train/")
+  check_cifar_dir(parser, args.cifar_dir)
   try:
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
   except ValueError:

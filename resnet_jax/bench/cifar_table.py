@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from resnet_jax import cli, data, malloc_tuning
-from resnet_jax.bench import degradation, write_json
+from resnet_jax.bench import check_cifar_dir, degradation, write_json
 from resnet_jax.training import loop, population
 
 MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
@@ -168,9 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--steps", type=int, default=PAPER_STEPS, help="the paper's 64k by default")
   parser.add_argument("--eval_every", type=int, default=0, help="0: 10 evaluations per row")
   args = parser.parse_args(argv)
-  if not os.path.isdir(os.path.join(args.cifar_dir, "train")):
-    parser.error(f"--cifar_dir={args.cifar_dir}: no train/ folder in it; unpack "
-                 "cifar10-train-jpeg.tar.gz and pass the directory holding train/")
+  check_cifar_dir(parser, args.cifar_dir)
   if args.seeds < 1 or args.steps < 1:
     parser.error("--seeds and --steps must be positive")
   models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -23,7 +23,7 @@ import ml_collections
 from configs import cifar10_folder
 from resnet_jax import cli
 from resnet_jax import malloc_tuning
-from resnet_jax.bench import write_json
+from resnet_jax.bench import check_cifar_dir, write_json
 from resnet_jax.training import loop, reporting
 
 MODELS = ("plain20", "plain56", "resnet20", "resnet56")
@@ -103,9 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--log_every", type=int, default=25)
   parser.add_argument("--models", default=",".join(MODELS))
   args = parser.parse_args(argv)
-  if not os.path.isdir(os.path.join(args.cifar_dir, "train")):
-    parser.error(f"--cifar_dir={args.cifar_dir}: no train/ folder in it; unpack "
-                 "cifar10-train-jpeg.tar.gz and pass the directory holding train/")
+  check_cifar_dir(parser, args.cifar_dir)
   workdir = os.path.abspath(args.workdir)
   data_dir = os.path.join(workdir, "tensorflow_datasets")
   eval_every = args.eval_every or max(args.steps // 20, 1)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from resnet_jax import cli, malloc_tuning
-from resnet_jax.bench import write_json
+from resnet_jax.bench import check_cifar_dir, write_json
 from resnet_jax.interop import to_state_dict
 
 FIRST_STEPS = 3
@@ -351,9 +351,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch  # noqa: F401
   except ImportError:
     parser.error("needs torch: pip install torch (it is not a dependency of resnet_jax)")
-  if not os.path.isdir(os.path.join(args.cifar_dir, "train")):
-    parser.error(f"--cifar_dir={args.cifar_dir}: no train/ folder in it; unpack "
-                 "cifar10-train-jpeg.tar.gz and pass the directory holding train/")
+  check_cifar_dir(parser, args.cifar_dir)
   os.makedirs(args.out, exist_ok=True)
   parity = run(args.cifar_dir, os.path.abspath(args.out), args.model, args.steps, args.seeds,
                args.batch_size, args.window, args.speed_rounds)
