@@ -331,3 +331,30 @@ def test_train_until_stops_a_training_loop_at_its_deadline_and_not_before_it_lis
 
   gpu_report.train_until(time.monotonic() + 0.1, training)
   assert stopped_after and stopped_after[0] < 100
+
+
+@pytest.fixture(scope="module", params=["train", "eval"])
+def step_profile_run(request, tmp_path_factory):
+  from resnet_jax.bench import step_profile
+  argv = ["--model", "resnet8", "--image_size", "8", "--batch_size", "8", "--steps", "1",
+          "--top", "3", "--step", request.param]
+  return run_main(step_profile.main, argv, tmp_path_factory.mktemp("bench") / "profile.json")
+
+
+def test_step_profile_puts_every_thunk_of_the_step_in_a_kind(step_profile_run):
+  record, printed = step_profile_run
+  kinds = [row["what"] for row in record["by_kind"]]
+  assert any(kind.startswith("conv forward, layer1") for kind in kinds), kinds
+  assert sum(row["ms_per_step"] for row in record["by_kind"]) == pytest.approx(record["thunk_ms"])
+  assert 0 < record["covered_ms"] <= record["thunk_ms"] + 1e-6
+  assert record["covered_ms"] <= record["wall_ms"]
+  assert len(record["slowest"]) == 3 and "| kind | ms per step |" in printed
+
+
+def test_step_profile_tells_the_gradients_and_the_update_from_the_forward_pass(step_profile_run):
+  record, _ = step_profile_run
+  kinds = " / ".join(row["what"] for row in record["by_kind"])
+  is_train = record["step"] == "train"
+  for kind in ("conv input gradient", "conv weight gradient", "elementwise backward",
+               "optimizer update"):
+    assert (kind in kinds) == is_train, (kind, kinds)
