@@ -23,7 +23,6 @@ import dataclasses
 import itertools
 import os
 import statistics
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -197,32 +196,20 @@ def windows_of(ours: np.ndarray, theirs: np.ndarray, window: int) -> list[Window
 def time_steps(model: str, config, rounds: int) -> Speed:
   """One train step of ours and of PyTorch's (NCHW, channels-last) in turn, `rounds` times."""
   import torch
+  from resnet_jax.bench import torch_reference
   from resnet_jax.bench.throughput import step_timer
-  from resnet_jax.interop import torch_cifar
   from resnet_jax.training import loop
   exp = loop.setup(config)
-  ours = step_timer(exp)
   batch = next(loop.train_batches(exp, 0))
-  images = np.asarray(normalizer(exp)(batch["image"]))
+  images = torch.from_numpy(np.asarray(normalizer(exp)(batch["image"])).transpose(0, 3, 1, 2)
+                            .copy())
   labels = torch.from_numpy(batch["label"].copy()).long()
-
-  def torch_timer(channels_last: bool):
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    net = torch_cifar.cifar_resnet(model, num_classes=exp.model.num_classes).train()
-    net = net.to(memory_format=memory_format)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(memory_format=memory_format)
-
-    def step() -> float:
-      start = time.perf_counter()
-      optimizer.zero_grad(set_to_none=True)
-      torch.nn.functional.cross_entropy(net(x), labels).backward()
-      optimizer.step()
-      return time.perf_counter() - start
-    step()  # warm-up
-    return step
-
-  timers = [ours, torch_timer(False), torch_timer(True)]
+  theirs = [torch_reference.step_timer(model, images, labels, channels_last=channels_last,
+                                       num_classes=exp.model.num_classes).time_one_step
+            for channels_last in (False, True)]
+  for time_one_step in theirs:
+    time_one_step()  # warm-up
+  timers = [step_timer(exp), *theirs]
   times = [[] for _ in timers]
   for _ in range(rounds):
     for timer, seconds in zip(timers, times):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 from resnet_jax.models import create_model
 
@@ -53,9 +54,23 @@ def torch_model(model: str, num_classes: int):
   return "torchvision", getattr(torchvision.models, model)(num_classes=num_classes)
 
 
-def time_torch(model: str, *, batch_size: int, image_size: int, dtype: str, steps: int,
-               warmup_steps: int, channels_last: bool, num_classes: int = 1000) -> TorchResult:
-  """Mean train-step time of the PyTorch twin of `model` on random images (after warm-up)."""
+@dataclasses.dataclass(frozen=True)
+class StepTimer:
+  """One more PyTorch train step of a model on one batch, timed: `time_one_step()` seconds."""
+
+  source: str
+  device: str
+  autocast_dtype: str  # "" when not autocasting
+  time_one_step: Callable[[], float]
+
+
+def step_timer(model: str, images, labels, *, channels_last: bool, dtype: str = "float32",
+               num_classes: int = 1000) -> StepTimer:
+  """A timer of the PyTorch twin's train step on `images` (NCHW float) and `labels`.
+
+  SGD with momentum 0.9 and weight decay 1e-4, cross-entropy, zero_grad/backward/step;
+  float32 on CPU; on CUDA, bfloat16 or float16 autocast (AMP) when `dtype` is one of those.
+  """
   import torch
 
   source, net = torch_model(model, num_classes)
@@ -64,35 +79,40 @@ def time_torch(model: str, *, batch_size: int, image_size: int, dtype: str, step
   if device == "cpu":
     autocast = None  # CPU autocast is a different, slower path; compare float32 with float32
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
-  net = net.to(device, memory_format=memory_format)
+  net = net.to(device, memory_format=memory_format).train()
   optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
   scaler = torch.amp.GradScaler(device, enabled=autocast == torch.float16)
-  generator = torch.Generator().manual_seed(0)
-  images = torch.rand(batch_size, 3, image_size, image_size, generator=generator).to(
-      device, memory_format=memory_format)
-  labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+  images = images.to(device, memory_format=memory_format)
+  labels = labels.to(device)
 
-  def step() -> None:
+  def time_one_step() -> float:
+    start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device, dtype=autocast or torch.float32, enabled=autocast is not None):
       loss = torch.nn.functional.cross_entropy(net(images), labels)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-
-  def synchronize() -> None:
     if device == "cuda":
       torch.cuda.synchronize()
+    return time.perf_counter() - start
 
-  net.train()
+  return StepTimer(source, device, str(autocast).removeprefix("torch.") if autocast else "",
+                   time_one_step)
+
+
+def time_torch(model: str, *, batch_size: int, image_size: int, dtype: str, steps: int,
+               warmup_steps: int, channels_last: bool, num_classes: int = 1000) -> TorchResult:
+  """Mean train-step time of the PyTorch twin of `model` on random images (after warm-up)."""
+  import torch
+
+  generator = torch.Generator().manual_seed(0)
+  images = torch.rand(batch_size, 3, image_size, image_size, generator=generator)
+  labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+  timer = step_timer(model, images, labels, channels_last=channels_last, dtype=dtype,
+                     num_classes=num_classes)
   for _ in range(max(warmup_steps, 1)):
-    step()
-  synchronize()
-  start = time.perf_counter()
-  for _ in range(steps):
-    step()
-  synchronize()
-  step_s = (time.perf_counter() - start) / steps
-  return TorchResult(source, "channels_last" if channels_last else "nchw", device,
-                     str(autocast).removeprefix("torch.") if autocast else "", step_s * 1e3,
-                     batch_size / step_s)
+    timer.time_one_step()
+  step_s = sum(timer.time_one_step() for _ in range(steps)) / steps
+  return TorchResult(timer.source, "channels_last" if channels_last else "nchw", timer.device,
+                     timer.autocast_dtype, step_s * 1e3, batch_size / step_s)
