@@ -40,6 +40,7 @@ from resnet_jax.training.config import DTYPES
 from resnet_jax.training.loop import Experiment, setup, train_batches
 
 STEPS = ("train", "eval")
+END_PREFIX = "end: "  # XLA:CPU's event at the completion of a thunk
 _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT )?%(?P<name>[\w.-]+) = (?P<shape>.+?) (?P<opcode>[a-z][\w-]*)\((?P<rest>.*)$")
 _CALLS = re.compile(r"calls=%([\w.-]+)")
@@ -159,19 +160,34 @@ class StepProfile:
 
 def thunk_durations(trace_dir: str, names: set[str]) -> tuple[dict[str, float],
                                                                list[tuple[float, float]]]:
-  """From a profiler trace: total µs per instruction name, and every thunk's interval."""
+  """From a profiler trace: total µs per instruction name, and every thunk's interval.
+
+  A thunk runs from its event's start to the end of its "end: NAME" event, which XLA:CPU
+  records once the thunk completes: its own event covers only the launch of asynchronous
+  ones (XLA's Eigen convolutions run on the intra-op thread pool and return at once).
+  """
   paths = glob.glob(f"{trace_dir}/**/*perfetto_trace.json.gz", recursive=True)
   if not paths:
     raise RuntimeError(f"jax.profiler wrote no perfetto trace under {trace_dir}")
   with gzip.open(paths[0]) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  events = sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"])
+  started: dict[str, list[float]] = collections.defaultdict(list)  # by name: the end can
+  # come on another thread (the one that completed the thunk)
   totals: dict[str, float] = collections.defaultdict(float)
   intervals = []
   for event in events:
-    if event.get("ph") == "X" and event.get("name") in names:
-      totals[event["name"]] += event["dur"]
-      intervals.append((event["ts"], event["ts"] + event["dur"]))
+    name = event.get("name", "")
+    if name in names:
+      started[name].append(event["ts"])
+    elif name.startswith(END_PREFIX) and name[len(END_PREFIX):] in names:
+      name = name[len(END_PREFIX):]
+      pending = started.get(name)
+      if pending:
+        start, stop = pending.pop(0), event["ts"] + event["dur"]
+        totals[name] += stop - start
+        intervals.append((start, stop))
   return totals, intervals
 
 
