@@ -46,7 +46,7 @@ def array_bytes(hlo_type: str) -> int:
   return total
 
 
-def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+def split_computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
   """Each computation's instruction lines, and the entry computation's name."""
   bodies, entry, current = {}, "", None
   for line in hlo_text.splitlines():
@@ -95,7 +95,7 @@ def _executions(bodies: dict[str, list[str]], entry: str) -> tuple[dict[str, int
 
 def collectives(hlo_text: str) -> dict[str, CollectiveStats]:
   """The collectives of one run of the module's entry computation, by kind (absent: none)."""
-  bodies, entry = _computations(hlo_text)
+  bodies, entry = split_computations(hlo_text)
   runs, unknown = _executions(bodies, entry)
   totals: dict[str, list] = {}
   for name, lines in bodies.items():

@@ -35,6 +35,7 @@ import numpy as np
 
 from resnet_jax import cli, malloc_tuning
 from resnet_jax.bench import benchmark_config, write_json
+from resnet_jax.bench.collectives import split_computations
 from resnet_jax.models.layers import LAYER_IMPLS, resolve_layer_impl
 from resnet_jax.training.config import DTYPES
 from resnet_jax.training.loop import Experiment, setup, train_batches
@@ -61,19 +62,8 @@ class Instruction:
 
 def parse_hlo(text: str) -> dict[str, Instruction]:
   """The entry computation's instructions of a compiled module's text, by name."""
-  computations: dict[str, list[str]] = {}
-  current, entry = None, None
-  for line in text.splitlines():
-    if line.startswith("%") or line.startswith("ENTRY"):
-      current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-      computations[current] = []
-      if line.startswith("ENTRY"):
-        entry = current
-    elif line.startswith("}"):
-      current = None
-    elif current is not None:
-      computations[current].append(line)
-  if entry is None:
+  computations, entry = split_computations(text)
+  if not entry:
     raise ValueError("no ENTRY computation in the HLO text")
 
   def opcodes(lines: list[str]) -> set[str]:
