@@ -57,14 +57,10 @@ def tuned_conv(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: A
   1×1 convs: a matmul over channels (XLA:CPU runs a 1×1 conv 2-2.5× slower than the same
   contraction as a dot; a 1×1 conv's "SAME" padding is zero, so a stride is just a slice).
   Other stride-1 convs: XLA's, with their gradients written out (`conv_with_canonical_grads`).
-  3×3 stride-2 convs on even sides: XLA's, with one stride-1 conv as their input gradient
-  (`conv_s2_with_polyphase_input_grad`). The rest go to XLA as they are.
+  The rest (strided, grouped, dilated) go to XLA as they are.
   """
   if not is_pointwise(rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
                       feature_group_count):
-    if has_polyphase_input_grad(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
-                                rhs_dilation, feature_group_count):
-      return conv_s2_with_polyphase_input_grad(lhs, rhs, precision, preferred_element_type)
     if has_canonical_grads(rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
                            feature_group_count):
       return conv_with_canonical_grads(lhs, rhs, tuple(map(tuple, padding)), precision,
@@ -170,72 +166,6 @@ def _conv_bwd(padding, precision, preferred_element_type, residuals, dy):
 
 conv_with_canonical_grads.defvjp(_forward_keeping_operands(conv_with_canonical_grads),
                                  _conv_bwd)
-
-
-def has_polyphase_input_grad(lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...],
-                             window_strides: Sequence[int], padding: Any,
-                             lhs_dilation: Sequence[int] | None,
-                             rhs_dilation: Sequence[int] | None,
-                             feature_group_count: int) -> bool:
-  """Whether `conv_s2_with_polyphase_input_grad` computes this conv: NHWC × HWIO, 3×3,
-  stride 2, padding 1 on each side, dense, ungrouped, on an input of even height and width."""
-  return (tuple(rhs_shape[:2]) == (3, 3) and tuple(window_strides) == (2, 2)
-          and not isinstance(padding, str)
-          and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
-          and _is_dense(lhs_dilation, rhs_dilation) and feature_group_count == 1
-          and len(lhs_shape) == 4 and lhs_shape[1] % 2 == 0 and lhs_shape[2] % 2 == 0)
-
-
-# The 3×3 kernel row (or column) that takes input row 2m + phase from output row m + tap.
-_S2_KERNEL_INDEX = {(0, 0): 1, (1, 0): 2, (1, 1): 0}  # (phase, tap); (0, 1) takes none
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_s2_with_polyphase_input_grad(x: Array, kernel: Array, precision: Any = None,
-                                      preferred_element_type: Any = None) -> Array:
-  """A 3×3, stride-2, padding-1 NHWC × HWIO conv whose input gradient is a stride-1 conv.
-
-  Autodiff's input gradient dilates the output gradient by 2 (lhs_dilation), a conv that
-  XLA:CPU leaves to Eigen's generic path (YNNPACK takes no dilated input): ResNet-20's
-  layer2_0/conv1 input gradient ran at ~17 GFLOP/s, 18 ms of a 230 ms step. Each of the
-  input's four phases (even/odd row, even/odd column) takes a 2×2 window of the output
-  gradient through part of the kernel, so one 2×2 stride-1 conv to 4 × C_in channels
-  computes them all, and a depth-to-space puts them in place. The weight gradient is
-  autodiff's.
-  """
-  return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
-                                      dimension_numbers=NHWC_HWIO, precision=precision,
-                                      preferred_element_type=preferred_element_type)
-
-
-def _conv_s2_bwd(precision, preferred_element_type, residuals, dy):
-  x, kernel = residuals
-  dy = dy.astype(x.dtype)
-  _, kernel_vjp = jax.vjp(
-      lambda k: jax.lax.conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)),
-                                             dimension_numbers=NHWC_HWIO, precision=precision),
-      kernel)
-  dkernel, = kernel_vjp(dy)
-  # phase_kernel[tap_h, tap_w, c_out, (phase_h, phase_w, c_in)]: kernel[kh, kw].T, or zero.
-  zero = jnp.zeros(kernel.shape[2:][::-1], kernel.dtype)
-  phase_kernel = jnp.stack([jnp.stack([
-      jnp.stack([jnp.stack([
-          kernel[_S2_KERNEL_INDEX[ph, th], _S2_KERNEL_INDEX[pw, tw]].T
-          if (ph, th) in _S2_KERNEL_INDEX and (pw, tw) in _S2_KERNEL_INDEX else zero
-          for pw in (0, 1)]) for ph in (0, 1)])
-      for tw in (0, 1)]) for th in (0, 1)])  # [th, tw, ph, pw, c_out, c_in]
-  c_in, c_out = kernel.shape[2:]
-  phase_kernel = jnp.transpose(phase_kernel, (0, 1, 4, 2, 3, 5)).reshape(2, 2, c_out, 4 * c_in)
-  phases = jax.lax.conv_general_dilated(dy, phase_kernel, (1, 1), ((0, 1), (0, 1)),
-                                        dimension_numbers=NHWC_HWIO, precision=precision)
-  batch, height, width = x.shape[:3]
-  dx = phases.reshape(batch, height // 2, width // 2, 2, 2, c_in)
-  dx = jnp.transpose(dx, (0, 1, 3, 2, 4, 5)).reshape(x.shape)
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
-
-
-conv_s2_with_polyphase_input_grad.defvjp(
-    _forward_keeping_operands(conv_s2_with_polyphase_input_grad), _conv_s2_bwd)
 
 
 def resolve_layer_impl(impl: str) -> str:
