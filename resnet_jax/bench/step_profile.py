@@ -9,13 +9,15 @@ times under `jax.profiler.trace`, and maps every executed thunk (XLA:CPU runs on
 instruction of the entry computation: a convolution, a YNNPACK fusion, a loop fusion, a
 copy) to its instruction in the compiled HLO. Each instruction gets a kind from what it
 computes and its source (the `op_name` metadata: the Flax module and whether it is the
-forward pass or autodiff's transpose): 3×3 convolutions forward, input gradient and weight
+forward pass or autodiff's transpose): convolutions forward, input gradient and weight
 gradient per stage and kernel library (XLA's Eigen `convolution` or a `ynn_fusion`),
 matmuls, BatchNorm statistics, the elementwise passes of BatchNorm, ReLU and the residual
 adds, the option-A shortcut, copies and transposes, loss and metrics, and the optimizer
 update (everything outside the model). Prints milliseconds per step for each kind and the
 slowest instructions, with the step's wall time and the part of it no thunk covered
-(dispatch, host work, waiting).
+(dispatch, host work, waiting). XLA:CPU runs independent thunks side by side, and a thunk
+waiting for a busy thread counts its wait: the sums are thread time (about twice the wall
+time on two cores), not what each kind would cost alone.
 """
 
 from __future__ import annotations
@@ -163,8 +165,9 @@ def thunk_durations(trace_dir: str, names: set[str]) -> tuple[dict[str, float],
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   events = sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"])
-  started: dict[str, list[float]] = collections.defaultdict(list)  # by name: the end can
-  # come on another thread (the one that completed the thunk)
+  # Starts by name alone: the "end:" event can come on another thread (the one that
+  # completed the thunk).
+  started: dict[str, list[float]] = collections.defaultdict(list)
   totals: dict[str, float] = collections.defaultdict(float)
   intervals = []
   for event in events:
