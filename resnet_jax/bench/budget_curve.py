@@ -89,7 +89,7 @@ def plot(runs: list[BudgetRun], path: str) -> None:
   from matplotlib.figure import Figure
   fig = Figure(figsize=(6.5, 4.5))
   ax = fig.subplots()
-  for schedule, marker in zip(SCHEDULES, "os"):
+  for schedule, marker, label_offset in zip(SCHEDULES, "os", ((4, -10), (4, 6))):
     of_schedule = sorted((r for r in runs if r.schedule == schedule), key=lambda r: r.steps)
     if not of_schedule:
       continue
@@ -97,7 +97,7 @@ def plot(runs: list[BudgetRun], path: str) -> None:
             marker=marker, label=f"{schedule} schedule")
     for r in of_schedule:
       ax.annotate(f"{r.steps} steps", (r.wall_minutes, 100 * r.val_accuracy), fontsize=8,
-                  textcoords="offset points", xytext=(4, -10))
+                  textcoords="offset points", xytext=label_offset)  # step below, cosine above
   ax.axhline(90, color="gray", linestyle=":", label="90%")
   ax.set(xlabel="wall time per run (minutes)", ylabel="validation accuracy (%)",
          title=f"{runs[0].model}, CIFAR-10 45k/5k: accuracy against budget")
