@@ -258,13 +258,20 @@ def test_budget_curve_trains_each_budget_and_schedule_once(tmp_path, capsys):
   argv = [f"--cifar_dir={folder}", f"--workdir={tmp_path / 'budget'}", "--model=resnet8"]
   budget_curve.main(argv + ["--budgets=1,2", "--schedules=step"])
   budget_curve.main(argv + ["--budgets=2", "--schedules=cosine"])
+  budget_curve.main(argv + ["--budgets=2", "--schedules=cosine", "--weight_decay=5e-4",
+                            "--label_smoothing=0.1"])  # another recipe: rows of its own
   runs = json.loads((tmp_path / "budget" / "budget.json").read_text())
-  assert sorted((r["schedule"], r["steps"]) for r in runs) == [  # this call's and earlier ones
-      ("cosine", 2), ("step", 1), ("step", 2)]
+  assert sorted((r["schedule"], r["steps"], r["weight_decay"]) for r in runs) == [
+      ("cosine", 2, 1e-4), ("cosine", 2, 5e-4), ("step", 1, 1e-4), ("step", 2, 1e-4)]
   assert all(0 <= r["val_accuracy"] <= 1 and r["wall_minutes"] > 0 for r in runs)
   cosine = json.loads((tmp_path / "budget" / "resnet8_cosine_2" / "config.json").read_text())
   assert cosine["schedule"] == "cosine" and cosine["num_train_steps"] == 2
-  assert "| step | 2 |" in (tmp_path / "budget" / "budget.md").read_text()
+  assert (cosine["weight_decay"], cosine["label_smoothing"]) == (1e-4, 0.0)
+  tuned = json.loads(
+      (tmp_path / "budget" / "resnet8_cosine_2_wd0.0005_ls0.1" / "config.json").read_text())
+  assert (tuned["weight_decay"], tuned["label_smoothing"]) == (5e-4, 0.1)
+  table = (tmp_path / "budget" / "budget.md").read_text()
+  assert "| paper | step | 2 |" in table and "| wd 0.0005, ls 0.1 | cosine | 2 |" in table
   assert os.path.getsize(tmp_path / "budget" / "budget.png") > 0
   capsys.readouterr()
   budget_curve.main(argv + ["--budgets=1", "--schedules=step"])  # not trained again

@@ -12,6 +12,11 @@ with the wall time of each run (compile, training and evaluations; a resumed run
 only its last session) and the time spent in train steps; writes WORKDIR/budget.md,
 WORKDIR/budget.json and WORKDIR/budget.png, with every finished run in WORKDIR (earlier
 invocations' too). Runs resume; finished ones are not trained again.
+
+--weight_decay and --label_smoothing change the recipe (the paper's: 1e-4 and 0); a run
+with another recipe gets its own folder, its own rows and its own line in the plot:
+  python -m resnet_jax.bench.budget_curve ... --budgets 22000 --schedules cosine \
+      --weight_decay 5e-4 --label_smoothing 0.1
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from resnet_jax.training import loop, reporting
 
 SCHEDULES = ("step", "cosine")
 RESULT_FILE = "budget_run.json"
+PAPER_WEIGHT_DECAY, PAPER_LABEL_SMOOTHING = 1e-4, 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +45,27 @@ class BudgetRun:
   val_accuracy: float
   wall_minutes: float  # of the session that finished the run: compile, train, evaluate
   training_minutes: float  # in train steps only, from the logged speed
+  weight_decay: float = PAPER_WEIGHT_DECAY
+  label_smoothing: float = PAPER_LABEL_SMOOTHING
+
+  @property
+  def recipe(self) -> str:
+    """'paper', or what differs from it: 'wd 0.0005, ls 0.1'."""
+    changes = []
+    if self.weight_decay != PAPER_WEIGHT_DECAY:
+      changes.append(f"wd {self.weight_decay:g}")
+    if self.label_smoothing != PAPER_LABEL_SMOOTHING:
+      changes.append(f"ls {self.label_smoothing:g}")
+    return ", ".join(changes) or "paper"
 
 
-def run_config(model: str, cifar_dir: str, data_dir: str, steps: int, schedule: str):
+def run_config(model: str, cifar_dir: str, data_dir: str, steps: int, schedule: str,
+               weight_decay: float = PAPER_WEIGHT_DECAY,
+               label_smoothing: float = PAPER_LABEL_SMOOTHING):
   """The paper's recipe for `steps`, its learning rate decayed by `schedule`."""
   config = degradation.run_config(model, cifar_dir, data_dir, steps,
                                   eval_every=max(steps // 4, 1), log_every=min(100, steps))
+  config.weight_decay, config.label_smoothing = weight_decay, label_smoothing
   if schedule == "cosine":
     config.schedule, config.step_decay_boundaries = "cosine", ()
   elif schedule != "step":
@@ -61,7 +82,19 @@ def train_run(config, run_dir: str, schedule: str) -> BudgetRun:
   epochs = max((r["train/epoch"] for r in records if "train/epoch" in r), default=0.0)
   return BudgetRun(config.model, schedule, config.num_train_steps, epochs,
                    metrics["eval/accuracy"], (time.perf_counter() - start) / 60,
-                   degradation.training_minutes(run_dir, config.batch_size))
+                   degradation.training_minutes(run_dir, config.batch_size),
+                   config.weight_decay, config.label_smoothing)
+
+
+def run_name(model: str, schedule: str, steps: int, weight_decay: float,
+             label_smoothing: float) -> str:
+  """The run's folder: resnet20_cosine_4000, with _wd…/_ls… where the recipe differs."""
+  name = f"{model}_{schedule}_{steps}"
+  if weight_decay != PAPER_WEIGHT_DECAY:
+    name += f"_wd{weight_decay:g}"
+  if label_smoothing != PAPER_LABEL_SMOOTHING:
+    name += f"_ls{label_smoothing:g}"
+  return name
 
 
 def finished_runs(workdir: str, model: str) -> list[BudgetRun]:
@@ -76,28 +109,33 @@ def finished_runs(workdir: str, model: str) -> list[BudgetRun]:
 
 
 def format_table(runs: list[BudgetRun]) -> str:
-  lines = ["| schedule | steps | epochs | val accuracy | wall time | in train steps |",
-           "|---|---|---|---|---|---|"]
-  for r in sorted(runs, key=lambda r: (r.schedule, r.steps)):
-    lines.append(f"| {r.schedule} | {r.steps} | {r.epochs:.1f} | {r.val_accuracy:.2%} | "
+  lines = ["| recipe | schedule | steps | epochs | val accuracy | wall time | in train steps |",
+           "|---|---|---|---|---|---|---|"]
+  for r in sorted(runs, key=lambda r: (r.recipe != "paper", r.recipe, r.schedule, r.steps)):
+    lines.append(f"| {r.recipe} | {r.schedule} | {r.steps} | {r.epochs:.1f} | "
+                 f"{r.val_accuracy:.2%} | "
                  f"{r.wall_minutes:.1f} min | {r.training_minutes:.1f} min |")
   return "\n".join(lines)
 
 
 def plot(runs: list[BudgetRun], path: str) -> None:
-  """Validation accuracy against wall time, one line per schedule, budgets marked."""
+  """Validation accuracy against wall time, one line per recipe and schedule, budgets marked."""
   from matplotlib.figure import Figure
   fig = Figure(figsize=(6.5, 4.5))
   ax = fig.subplots()
-  for schedule, marker, label_offset in zip(SCHEDULES, "os", ((4, -10), (4, 6))):
-    of_schedule = sorted((r for r in runs if r.schedule == schedule), key=lambda r: r.steps)
-    if not of_schedule:
-      continue
-    ax.plot([r.wall_minutes for r in of_schedule], [100 * r.val_accuracy for r in of_schedule],
-            marker=marker, label=f"{schedule} schedule")
-    for r in of_schedule:
-      ax.annotate(f"{r.steps} steps", (r.wall_minutes, 100 * r.val_accuracy), fontsize=8,
-                  textcoords="offset points", xytext=label_offset)  # step below, cosine above
+  recipes = sorted({r.recipe for r in runs}, key=lambda recipe: (recipe != "paper", recipe))
+  for recipe in recipes:
+    for schedule, marker, label_offset in zip(SCHEDULES, "os", ((4, -10), (4, 6))):
+      line = sorted((r for r in runs if (r.recipe, r.schedule) == (recipe, schedule)),
+                    key=lambda r: r.steps)
+      if not line:
+        continue
+      label = f"{schedule} schedule" + ("" if recipe == "paper" else f" ({recipe})")
+      ax.plot([r.wall_minutes for r in line], [100 * r.val_accuracy for r in line],
+              marker=marker, label=label)
+      for r in line:  # step labels below their points, cosine labels above
+        ax.annotate(f"{r.steps} steps", (r.wall_minutes, 100 * r.val_accuracy), fontsize=8,
+                    textcoords="offset points", xytext=label_offset)
   ax.axhline(90, color="gray", linestyle=":", label="90%")
   ax.set(xlabel="wall time per run (minutes)", ylabel="validation accuracy (%)",
          title=f"{runs[0].model}, CIFAR-10 45k/5k: accuracy against budget")
@@ -114,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--model", default="resnet20")
   parser.add_argument("--budgets", default="1000,2000,4000", help="comma-separated step counts")
   parser.add_argument("--schedules", default="step,cosine")
+  parser.add_argument("--weight_decay", type=float, default=PAPER_WEIGHT_DECAY,
+                      help="the recipe's weight decay (the paper's: %(default)g)")
+  parser.add_argument("--label_smoothing", type=float, default=PAPER_LABEL_SMOOTHING,
+                      help="the recipe's label smoothing (the paper's: %(default)g)")
   args = parser.parse_args(argv)
   check_cifar_dir(parser, args.cifar_dir)
   try:
@@ -128,14 +170,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   data_dir = os.path.join(workdir, "tensorflow_datasets")
   for schedule in schedules:
     for steps in budgets:
-      run_dir = os.path.join(workdir, f"{args.model}_{schedule}_{steps}")
+      run_dir = os.path.join(workdir, run_name(args.model, schedule, steps, args.weight_decay,
+                                               args.label_smoothing))
       result_file = os.path.join(run_dir, RESULT_FILE)
       if os.path.exists(result_file):
         continue
-      run = train_run(run_config(args.model, args.cifar_dir, data_dir, steps, schedule),
-                      run_dir, schedule)
+      config = run_config(args.model, args.cifar_dir, data_dir, steps, schedule,
+                          args.weight_decay, args.label_smoothing)
+      run = train_run(config, run_dir, schedule)
       write_json(result_file, dataclasses.asdict(run))
-      print(f"{schedule}, {steps} steps: {run.val_accuracy:.2%} in {run.wall_minutes:.1f} min")
+      print(f"{run.recipe}, {schedule}, {steps} steps: {run.val_accuracy:.2%} "
+            f"in {run.wall_minutes:.1f} min")
   runs = finished_runs(workdir, args.model)  # with those of earlier invocations
   table = format_table(runs)
   print(table)
