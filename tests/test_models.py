@@ -277,13 +277,16 @@ def test_summary_rows_add_up_to_total_parameters():
   assert "resnet18" in format_summary("resnet18", summary)
 
 
-@pytest.mark.parametrize("stride_in_1x1,train", [(False, False), (True, False), (False, True)])
-def test_tuned_layers_equal_plain_xla_layers_in_outputs_and_gradients(stride_in_1x1, train):
+@pytest.mark.parametrize("impl,stride_in_1x1,train", [
+    ("tuned", False, False), ("tuned", True, False), ("tuned", False, True),
+    ("onednn", False, True)])
+def test_tuned_layers_equal_plain_xla_layers_in_outputs_and_gradients(impl, stride_in_1x1, train):
   # Two narrow bottleneck stages: strided and unstrided 1×1 convs, a strided projection and
-  # the stem's max-pool, on an even side (10) here.
+  # the stem's max-pool, on an even side (10) here; "onednn" also runs the 7×7 stem and the
+  # 3×3 convs on oneDNN.
   tuned, plain = (resnet_jax.ResNet(stage_sizes=(1, 2), block_cls=BottleneckBlock, width=8,
-                                    num_classes=5, stride_in_1x1=stride_in_1x1, layer_impl=impl)
-                   for impl in ("tuned", "plain"))
+                                    num_classes=5, stride_in_1x1=stride_in_1x1, layer_impl=i)
+                   for i in (impl, "plain"))
   x = jax.random.normal(jax.random.key(0), (4, 19, 19, 3))  # odd sides: ceil in strided slices
   variables = plain.init(jax.random.key(1), x)
   chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(tuned.init, jax.random.key(1), x),
@@ -377,7 +380,8 @@ def test_train_batch_norm_backward_keeps_no_full_size_temporary():
 
 
 def test_an_unknown_layer_impl_names_the_choices():
-  with pytest.raises(ValueError, match="layer_impl='fast': must be one of auto, tuned, plain"):
+  with pytest.raises(ValueError,
+                     match="layer_impl='fast': must be one of auto, onednn, tuned, plain"):
     resnet_jax.create_model("resnet18", layer_impl="fast").init(jax.random.key(0),
                                                                 jnp.ones((1, 32, 32, 3)))
 
@@ -409,10 +413,11 @@ def test_conv_with_written_out_gradients_equals_xla_conv_in_output_and_gradients
   chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_tuned_cifar_resnet_equals_plain_layers_in_outputs_and_gradients():
+@pytest.mark.parametrize("impl", ["tuned", "onednn"])
+def test_tuned_cifar_resnet_equals_plain_layers_in_outputs_and_gradients(impl):
   # Option-A shortcuts, 16-channel convs and 3×3 stride-2 convs on even sides.
-  tuned, plain = (resnet_jax.create_model("resnet8", width=4, num_classes=3, layer_impl=impl)
-                  for impl in ("tuned", "plain"))
+  tuned, plain = (resnet_jax.create_model("resnet8", width=4, num_classes=3, layer_impl=i)
+                  for i in (impl, "plain"))
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
   variables = plain.init(jax.random.key(1), x)
 

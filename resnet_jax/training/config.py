@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.zero_init_residual = False
   c.drop_path_rate = 0.0
   c.dtype = "float32"  # compute dtype; params and BatchNorm statistics stay float32.
-  c.layer_impl = "auto"  # "tuned" (faster on CPU: 1×1 convs as matmuls), "plain", "auto".
+  c.layer_impl = "auto"  # "onednn", "tuned" (faster on CPU: see models/layers.py), "plain".
   c.scan_blocks = False  # each stage's repeated blocks as one nn.scan: compiles faster.
   c.remat = False  # recompute each block's activations in the backward pass: less memory.
   c.remat_policy = "nothing_saveable"  # what remat keeps: one of models.scan.REMAT_POLICIES.
