@@ -30,6 +30,9 @@ from resnet_jax.predict import apply_fn
 from resnet_jax.storage import paths
 
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each by default: the file runs on any of them
+# XLA's own ops only: oneDNN's convolutions are calls into this process (models/onednn.py),
+# which an exported file cannot carry.
+LAYER_IMPL = "tuned"
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 BATCH = "batch"  # the symbolic dimension's name
 
@@ -62,7 +65,7 @@ def export_forward(weights: pretrained.Pretrained, platforms: Sequence[str] = PL
   check_platforms(platforms)
   batch, = jax.export.symbolic_shape(BATCH)
   images = jax.ShapeDtypeStruct((batch, *input_shape(weights.info)[1:]), jnp.uint8)
-  forward = jax.jit(functools.partial(apply_fn(weights.info), weights.variables))
+  forward = jax.jit(functools.partial(apply_fn(weights.info, LAYER_IMPL), weights.variables))
   return jax.export.export(forward, platforms=platforms)(images)
 
 
@@ -115,7 +118,8 @@ def save_tf_saved_model(weights: pretrained.Pretrained, directory: str,
   check_platforms(platforms)
   shape = input_shape(weights.info)
   converted = jax2tf.convert(
-      apply_fn(weights.info), with_gradient=False, native_serialization_platforms=platforms,
+      apply_fn(weights.info, LAYER_IMPL), with_gradient=False,
+      native_serialization_platforms=platforms,
       polymorphic_shapes=[None, "(" + ", ".join(map(str, shape)) + ")"])
   variables = tf.nest.map_structure(tf.Variable, weights.variables)
   module = tf.Module()

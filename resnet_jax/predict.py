@@ -53,10 +53,11 @@ class Prediction:
         for label, name, probability in zip(self.labels, self.class_names, self.probabilities)]}
 
 
-def apply_fn(info: pretrained.ModelInfo) -> Callable[[PyTree, jax.Array], jax.Array]:
+def apply_fn(info: pretrained.ModelInfo, layer_impl: str = "auto"
+             ) -> Callable[[PyTree, jax.Array], jax.Array]:
   """(variables, uint8 images [batch, size, size, channels]) → float32 logits: the
   checkpoint's normalisation, then the model in eval mode, as the eval step runs them."""
-  model = info.create_model()
+  model = info.create_model(layer_impl=layer_impl)
   inputs = InputTransform(mean=info.mean, std=info.std)
 
   def apply(variables: PyTree, images: jax.Array) -> jax.Array:

@@ -340,11 +340,13 @@ def test_train_until_stops_a_training_loop_at_its_deadline_and_not_before_it_lis
   assert stopped_after and stopped_after[0] < 100
 
 
-@pytest.fixture(scope="module", params=["train", "eval"])
+@pytest.fixture(scope="module", params=[("train", "tuned"), ("eval", "tuned"),
+                                        ("train", "onednn")])
 def step_profile_run(request, tmp_path_factory):
   from resnet_jax.bench import step_profile
+  step, layer_impl = request.param
   argv = ["--model", "resnet8", "--image_size", "8", "--batch_size", "8", "--steps", "1",
-          "--top", "3", "--step", request.param]
+          "--top", "3", "--step", step, "--layer_impl", layer_impl]
   return run_main(step_profile.main, argv, tmp_path_factory.mktemp("bench") / "profile.json")
 
 
@@ -352,6 +354,9 @@ def test_step_profile_puts_every_thunk_of_the_step_in_a_kind(step_profile_run):
   record, printed = step_profile_run
   kinds = [row["what"] for row in record["by_kind"]]
   assert any(kind.startswith("conv forward, layer1") for kind in kinds), kinds
+  if record["layer_impl"] == "onednn":  # its three directions, by the custom calls' targets
+    assert {"conv forward, layer1 (oneDNN)", "conv input gradient, layer2 (oneDNN)",
+            "conv weight gradient, layer3 (oneDNN)"} <= set(kinds), kinds
   assert sum(row["ms_per_step"] for row in record["by_kind"]) == pytest.approx(record["thunk_ms"])
   assert 0 < record["covered_ms"] <= record["thunk_ms"] + 1e-6
   assert record["covered_ms"] <= record["wall_ms"]

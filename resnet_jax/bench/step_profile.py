@@ -38,6 +38,7 @@ import numpy as np
 from resnet_jax import cli, malloc_tuning
 from resnet_jax.bench import benchmark_config, write_json
 from resnet_jax.bench.collectives import split_computations
+from resnet_jax.models import onednn
 from resnet_jax.models.layers import LAYER_IMPLS, resolve_layer_impl
 from resnet_jax.training.config import DTYPES
 from resnet_jax.training.loop import Experiment, setup, train_batches
@@ -48,6 +49,9 @@ _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT )?%(?P<name>[\w.-]+) = (?P<shape>.+?) (?P<opcode>[a-z][\w-]*)\((?P<rest>.*)$")
 _CALLS = re.compile(r"calls=%([\w.-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+ONEDNN_DIRECTIONS = {"forward": "forward", "input_grad": "input gradient",
+                     "weight_grad": "weight gradient"}
 _STAGE = re.compile(r"/(layer\d+)_\d+/|/ResNet\.apply_(stem)/")
 
 
@@ -60,6 +64,7 @@ class Instruction:
   shape: str
   op_name: str  # the source, as JAX's name stack wrote it
   ops: frozenset[str]  # opcodes inside it (itself for an unfused instruction)
+  target: str = ""  # a custom call's target
 
 
 def parse_hlo(text: str) -> dict[str, Instruction]:
@@ -84,9 +89,10 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
     if not match or match["opcode"] == "parameter":
       continue
     op_name = _OP_NAME.search(match["rest"])
+    target = _TARGET.search(match["rest"])
     instructions[match["name"]] = Instruction(
         match["name"], match["opcode"], match["shape"], op_name[1] if op_name else "",
-        frozenset(opcodes([line])))
+        frozenset(opcodes([line])), target[1] if target else "")
   return instructions
 
 
@@ -99,10 +105,12 @@ def classify(inst: Instruction, kernel_shapes: set[tuple[int, ...]], step: str =
   """The kind of work an instruction does, from its ops, its source and its shapes."""
   backward = "transpose(jvp(" in inst.op_name
   in_model = "ResNet" in inst.op_name
+  stage = _STAGE.search(inst.op_name)
+  where = (stage[1] or stage[2]) if stage else "unnamed"
+  if inst.target.startswith(onednn.TARGET_PREFIX):
+    return f"conv {ONEDNN_DIRECTIONS[inst.target[len(onednn.TARGET_PREFIX):]]}, {where} (oneDNN)"
   if "convolution" in inst.ops:
     library = "Eigen" if inst.opcode == "convolution" else "YNNPACK"
-    stage = _STAGE.search(inst.op_name)
-    where = (stage[1] or stage[2]) if stage else "unnamed"
     if tuple(sorted(_dims(inst.shape))) in kernel_shapes:  # a forward conv never is
       direction = "weight gradient"
     else:
