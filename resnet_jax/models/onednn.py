@@ -1,8 +1,8 @@
 """Float32 NHWC × HWIO convolutions and their gradients on oneDNN, through XLA's FFI (CPU).
 
 oneDNN is the library PyTorch's CPU convolutions run on. On the CIFAR ResNets' 3×3 convs
-(batch 128, 16-64 channels) it computes the forward pass about 2× faster than XLA:CPU's own
-kernels (YNNPACK, Eigen), the input gradient 2-3× and the weight gradient 4-8×
+(batch 128, 16-64 channels) it computes the forward pass 1.3-2.5× faster than XLA:CPU's own
+kernels (YNNPACK, Eigen), the input gradient 1.9-2.8× and the weight gradient 4.5-8×
 (BENCHMARKS.md, "CIFAR-size nets against PyTorch"). `conv` is a custom VJP whose forward pass
 and both gradients are oneDNN calls; outputs and gradients equal XLA's to float32 rounding
 (tests/test_onednn.py).
