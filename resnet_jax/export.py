@@ -30,9 +30,6 @@ from resnet_jax.predict import apply_fn
 from resnet_jax.storage import paths
 
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each by default: the file runs on any of them
-# XLA's own ops only: oneDNN's convolutions are calls into this process (models/onednn.py),
-# which an exported file cannot carry.
-LAYER_IMPL = "tuned"
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 BATCH = "batch"  # the symbolic dimension's name
 
@@ -59,13 +56,20 @@ def check_platforms(platforms: Sequence[str]) -> None:
     raise ValueError(f"platforms={list(platforms)}: each must be one of {list(KNOWN_PLATFORMS)}")
 
 
+def exported_layer_impl() -> str:
+  """"auto" without oneDNN: its convolutions are calls into this process (models/onednn.py),
+  which an exported file cannot carry; XLA's own ops can."""
+  return "tuned" if jax.default_backend() == "cpu" else "plain"
+
+
 def export_forward(weights: pretrained.Pretrained, platforms: Sequence[str] = PLATFORMS
                    ) -> jax.export.Exported:
   """The eval-mode forward pass of `weights` (normalisation included) with a symbolic batch."""
   check_platforms(platforms)
   batch, = jax.export.symbolic_shape(BATCH)
   images = jax.ShapeDtypeStruct((batch, *input_shape(weights.info)[1:]), jnp.uint8)
-  forward = jax.jit(functools.partial(apply_fn(weights.info, LAYER_IMPL), weights.variables))
+  forward = jax.jit(functools.partial(apply_fn(weights.info, exported_layer_impl()),
+                                      weights.variables))
   return jax.export.export(forward, platforms=platforms)(images)
 
 
@@ -118,7 +122,7 @@ def save_tf_saved_model(weights: pretrained.Pretrained, directory: str,
   check_platforms(platforms)
   shape = input_shape(weights.info)
   converted = jax2tf.convert(
-      apply_fn(weights.info, LAYER_IMPL), with_gradient=False,
+      apply_fn(weights.info, exported_layer_impl()), with_gradient=False,
       native_serialization_platforms=platforms,
       polymorphic_shapes=[None, "(" + ", ".join(map(str, shape)) + ")"])
   variables = tf.nest.map_structure(tf.Variable, weights.variables)
