@@ -112,17 +112,11 @@ def unavailable_reason() -> str | None:
   return _registration()
 
 
-def available() -> bool:
-  return _registration() is None
-
-
 def supports(lhs: Array, rhs: Array, window_strides: Sequence[int],
-             lhs_dilation: Sequence[int] | None, rhs_dilation: Sequence[int] | None,
-             feature_group_count: int, preferred_element_type: Any) -> bool:
-  """Whether `conv` computes this NHWC × HWIO conv: 2-D, float32, dense, ungrouped."""
-  dense = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-  return (lhs.ndim == 4 and rhs.ndim == 4 and len(window_strides) == 2 and dense
-          and feature_group_count == 1 and lhs.dtype == rhs.dtype == jnp.float32
+             preferred_element_type: Any) -> bool:
+  """Whether `conv` computes this dense, ungrouped NHWC × HWIO conv: 2-D, float32."""
+  return (lhs.ndim == 4 and rhs.ndim == 4 and len(window_strides) == 2
+          and lhs.dtype == rhs.dtype == jnp.float32
           and preferred_element_type in (None, jnp.float32) and lhs.shape[0] > 0)
 
 

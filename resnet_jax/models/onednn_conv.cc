@@ -33,10 +33,18 @@ struct Geometry {
   memory::desc X() const { return memory::desc({n, c, h, w}, memory::data_type::f32, Tag::nhwc); }
   memory::desc Y() const { return memory::desc({n, o, oh, ow}, memory::data_type::f32, Tag::nhwc); }
   memory::desc K(Tag tag) const { return memory::desc({o, c, kh, kw}, memory::data_type::f32, tag); }
-  dnnl::convolution_forward::primitive_desc Forward(Tag kernel_tag) const {
+  dnnl::convolution_forward::primitive_desc Forward(
+      const dnnl::primitive_attr& attr = dnnl::primitive_attr()) const {
     return dnnl::convolution_forward::primitive_desc(
         Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, X(),
-        K(kernel_tag), Y(), {sh, sw}, {pt, pl}, {pb, pr});
+        K(Tag::any), Y(), {sh, sw}, {pt, pl}, {pb, pr}, attr);
+  }
+  // Both gradients' primitive descriptors take the same arguments.
+  template <typename Primitive>
+  typename Primitive::primitive_desc Backward(const dnnl::primitive_attr& attr) const {
+    return typename Primitive::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, X(), K(Tag::any), Y(), {sh, sw},
+        {pt, pl}, {pb, pr}, Forward(), attr);
   }
 };
 
@@ -51,32 +59,27 @@ struct Plan {
 
 enum class Op { kForward, kInputGrad, kWeightGrad };
 
+template <typename Primitive>
+void Keep(const typename Primitive::primitive_desc& pd, const memory::desc& kernel_desc,
+          Plan& plan) {
+  plan.primitive = Primitive(pd);
+  plan.kernel_desc = kernel_desc;
+  plan.scratchpad_desc = pd.scratchpad_desc();
+}
+
 Plan MakePlan(Op op, const Geometry& g) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  auto hint = g.Forward(Tag::any);
   Plan plan;
   if (op == Op::kForward) {
-    dnnl::convolution_forward::primitive_desc pd(
-        Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.X(),
-        g.K(Tag::any), g.Y(), {g.sh, g.sw}, {g.pt, g.pl}, {g.pb, g.pr}, attr);
-    plan.primitive = dnnl::convolution_forward(pd);
-    plan.kernel_desc = pd.weights_desc();
-    plan.scratchpad_desc = pd.scratchpad_desc();
+    auto pd = g.Forward(attr);
+    Keep<dnnl::convolution_forward>(pd, pd.weights_desc(), plan);
   } else if (op == Op::kInputGrad) {
-    dnnl::convolution_backward_data::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, g.X(), g.K(Tag::any), g.Y(),
-        {g.sh, g.sw}, {g.pt, g.pl}, {g.pb, g.pr}, hint, attr);
-    plan.primitive = dnnl::convolution_backward_data(pd);
-    plan.kernel_desc = pd.weights_desc();
-    plan.scratchpad_desc = pd.scratchpad_desc();
+    auto pd = g.Backward<dnnl::convolution_backward_data>(attr);
+    Keep<dnnl::convolution_backward_data>(pd, pd.weights_desc(), plan);
   } else {
-    dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, g.X(), g.K(Tag::any), g.Y(),
-        {g.sh, g.sw}, {g.pt, g.pl}, {g.pb, g.pr}, hint, attr);
-    plan.primitive = dnnl::convolution_backward_weights(pd);
-    plan.kernel_desc = pd.diff_weights_desc();
-    plan.scratchpad_desc = pd.scratchpad_desc();
+    auto pd = g.Backward<dnnl::convolution_backward_weights>(attr);
+    Keep<dnnl::convolution_backward_weights>(pd, pd.diff_weights_desc(), plan);
   }
   plan.kernel_is_hwio = plan.kernel_desc == g.K(Tag::hwio);
   if (!plan.kernel_is_hwio) {
