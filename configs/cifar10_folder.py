@@ -16,6 +16,7 @@ The best measured in under 2 hours, with oneDNN's convolutions (~1,040 img/s): 8
 40,000 cosine steps with weight decay 5e-4 and label smoothing 0.1 (~84 minutes alone):
   --config.num_train_steps=40000 --config.schedule=cosine --config.weight_decay=5e-4 \
       --config.label_smoothing=0.1
+54,000 steps of the same (the whole 2 hours) reached 88.3%: more steps no longer help it.
 90% was not reached within 2 hours; the paper's 64k steps take ~2.2 hours.
 """
 
