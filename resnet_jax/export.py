@@ -26,6 +26,7 @@ from etils import epath
 
 from resnet_jax import cli
 from resnet_jax import pretrained
+from resnet_jax.models import layers
 from resnet_jax.predict import apply_fn
 from resnet_jax.storage import paths
 
@@ -56,19 +57,13 @@ def check_platforms(platforms: Sequence[str]) -> None:
     raise ValueError(f"platforms={list(platforms)}: each must be one of {list(KNOWN_PLATFORMS)}")
 
 
-def exported_layer_impl() -> str:
-  """"auto" without oneDNN: its convolutions are calls into this process (models/onednn.py),
-  which an exported file cannot carry; XLA's own ops can."""
-  return "tuned" if jax.default_backend() == "cpu" else "plain"
-
-
 def export_forward(weights: pretrained.Pretrained, platforms: Sequence[str] = PLATFORMS
                    ) -> jax.export.Exported:
   """The eval-mode forward pass of `weights` (normalisation included) with a symbolic batch."""
   check_platforms(platforms)
   batch, = jax.export.symbolic_shape(BATCH)
   images = jax.ShapeDtypeStruct((batch, *input_shape(weights.info)[1:]), jnp.uint8)
-  forward = jax.jit(functools.partial(apply_fn(weights.info, exported_layer_impl()),
+  forward = jax.jit(functools.partial(apply_fn(weights.info, layers.xla_layer_impl()),
                                       weights.variables))
   return jax.export.export(forward, platforms=platforms)(images)
 
@@ -122,7 +117,7 @@ def save_tf_saved_model(weights: pretrained.Pretrained, directory: str,
   check_platforms(platforms)
   shape = input_shape(weights.info)
   converted = jax2tf.convert(
-      apply_fn(weights.info, exported_layer_impl()), with_gradient=False,
+      apply_fn(weights.info, layers.xla_layer_impl()), with_gradient=False,
       native_serialization_platforms=platforms,
       polymorphic_shapes=[None, "(" + ", ".join(map(str, shape)) + ")"])
   variables = tf.nest.map_structure(tf.Variable, weights.variables)

@@ -171,6 +171,12 @@ conv_with_canonical_grads.defvjp(_forward_keeping_operands(conv_with_canonical_g
                                  _conv_bwd)
 
 
+def xla_layer_impl() -> str:
+  """What "auto" resolves to with XLA's own ops only (no oneDNN): "tuned" on CPU, "plain"
+  elsewhere. Exported programs use it: they cannot carry calls into this process."""
+  return "tuned" if jax.default_backend() == "cpu" else "plain"
+
+
 def resolve_layer_impl(impl: str) -> str:
   """"auto": on CPU "onednn" where its kernels are available (`onednn.unavailable_reason`)
   and one device runs the step (XLA cannot split a oneDNN call over a mesh), "tuned" where
@@ -179,15 +185,13 @@ def resolve_layer_impl(impl: str) -> str:
   if impl not in LAYER_IMPLS:
     raise ValueError(f"layer_impl={impl!r}: must be one of {', '.join(LAYER_IMPLS)}")
   if impl == "auto":
-    if jax.default_backend() != "cpu":
-      return "plain"
-    if jax.device_count() > 1:
-      return "tuned"
+    if jax.default_backend() != "cpu" or jax.device_count() > 1:
+      return xla_layer_impl()
     reason = onednn.unavailable_reason()
     if reason is not None:
       _warn_once(f"layer_impl=auto: XLA's convolutions, not oneDNN's (CIFAR nets train "
                  f"2-2.7× faster with them): {reason}")
-    return "tuned" if reason else "onednn"
+    return xla_layer_impl() if reason else "onednn"
   if impl == "onednn" and (reason := onednn.unavailable_reason()) is not None:
     raise ValueError(f"layer_impl=onednn: {reason}. Use layer_impl=tuned or auto.")
   return impl
