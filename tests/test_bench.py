@@ -259,7 +259,7 @@ def test_budget_curve_trains_each_budget_and_schedule_once(tmp_path, capsys):
   budget_curve.main(argv + ["--budgets=1,2", "--schedules=step"])
   budget_curve.main(argv + ["--budgets=2", "--schedules=cosine"])
   budget_curve.main(argv + ["--budgets=2", "--schedules=cosine", "--weight_decay=5e-4",
-                            "--label_smoothing=0.1"])  # another recipe: rows of its own
+                            "--label_smoothing=0.1", "--cutout_size=3"])  # rows of its own
   runs = json.loads((tmp_path / "budget" / "budget.json").read_text())
   assert sorted((r["schedule"], r["steps"], r["weight_decay"]) for r in runs) == [
       ("cosine", 2, 1e-4), ("cosine", 2, 5e-4), ("step", 1, 1e-4), ("step", 2, 1e-4)]
@@ -268,10 +268,12 @@ def test_budget_curve_trains_each_budget_and_schedule_once(tmp_path, capsys):
   assert cosine["schedule"] == "cosine" and cosine["num_train_steps"] == 2
   assert (cosine["weight_decay"], cosine["label_smoothing"]) == (1e-4, 0.0)
   tuned = json.loads(
-      (tmp_path / "budget" / "resnet8_cosine_2_wd0.0005_ls0.1" / "config.json").read_text())
-  assert (tuned["weight_decay"], tuned["label_smoothing"]) == (5e-4, 0.1)
+      (tmp_path / "budget" / "resnet8_cosine_2_wd0.0005_ls0.1_cutout3" / "config.json"
+       ).read_text())
+  assert (tuned["weight_decay"], tuned["label_smoothing"], tuned["cutout_size"]) == (5e-4, 0.1, 3)
+  assert cosine["cutout_size"] == 0
   table = (tmp_path / "budget" / "budget.md").read_text()
-  assert "| paper | step | 2 |" in table and "| wd 0.0005, ls 0.1 | cosine | 2 |" in table
+  assert "| paper | step | 2 |" in table and "| wd 0.0005, ls 0.1, cutout 3 | cosine | 2 |" in table
   assert os.path.getsize(tmp_path / "budget" / "budget.png") > 0
   capsys.readouterr()
   budget_curve.main(argv + ["--budgets=1", "--schedules=step"])  # not trained again

@@ -1,4 +1,6 @@
-"""Normalisation, mixup and CutMix: the batch ops that run inside the jitted step."""
+"""Normalisation, cutout, mixup and CutMix: the batch ops that run inside the jitted step."""
+
+import dataclasses
 
 import chex
 import jax
@@ -50,6 +52,39 @@ def test_cutmix_box_varies_with_the_key():
   boxes = {float(device_ops.cutmix(jax.random.key(k), images.astype(jnp.float32), targets,
                                    1.0)[1][0, labels[0]]) for k in range(6)}
   assert len(boxes) > 3
+
+
+def test_cutout_zeroes_one_clipped_square_per_image_and_keeps_the_rest():
+  images = jnp.ones((64, 16, 16, 3), jnp.float32)
+  out = np.asarray(device_ops.cutout(jax.random.key(0), images, 6))
+  erased = out[..., 0] == 0
+  assert np.array_equal(out == 0, np.repeat(erased[..., None], 3, -1))  # all channels alike
+  assert np.all(out[~erased] == 1)
+  areas = erased.sum((1, 2))
+  assert areas.max() == 36 and 0 < areas.min() < 36  # whole squares, and some clipped at a border
+  for square in erased:  # one axis-aligned rectangle each
+    rows, cols = np.nonzero(square.any(1))[0], np.nonzero(square.any(0))[0]
+    assert square.sum() == len(rows) * len(cols) == square[np.ix_(rows, cols)].sum()
+    assert np.all(np.diff(rows) == 1) and np.all(np.diff(cols) == 1)
+  assert len({tuple(np.argwhere(s)[0]) for s in erased}) > 20  # placed per image
+  again = device_ops.cutout(jax.random.key(0), images, 6)
+  np.testing.assert_array_equal(out, again)
+
+
+def test_input_transform_cuts_out_normalised_images_without_changing_the_mixing():
+  images, labels = batch()
+  plain = device_ops.InputTransform(mean=(0.5,) * 3, std=(0.25,) * 3, mixup_alpha=0.4)
+  cut = dataclasses.replace(plain, cutout_size=4)
+  key = jax.random.key(5)
+  x, targets = plain.train_inputs(key, images, labels, 5)
+  x_cut, targets_cut = cut.train_inputs(key, images, labels, 5)
+  np.testing.assert_array_equal(targets, targets_cut)  # the same mixing
+  erased = np.asarray(x_cut != x)
+  assert 0 < erased.mean() < 0.25  # squares of 4×4 pixels in 16×16 images, fewer where mixed
+  no_mix = dataclasses.replace(cut, mixup_alpha=0.0)
+  x_only_cut, _ = no_mix.train_inputs(key, images, labels, 5)
+  assert np.all(np.asarray(x_only_cut)[np.asarray(x_only_cut != plain.eval_images(images))] == 0)
+  np.testing.assert_array_equal(cut.eval_images(images), plain.eval_images(images))
 
 
 def test_input_transform_mixes_with_the_step_key_only():

@@ -13,10 +13,11 @@ only its last session) and the time spent in train steps; writes WORKDIR/budget.
 WORKDIR/budget.json and WORKDIR/budget.png, with every finished run in WORKDIR (earlier
 invocations' too). Runs resume; finished ones are not trained again.
 
---weight_decay and --label_smoothing change the recipe (the paper's: 1e-4 and 0); a run
-with another recipe gets its own folder, its own rows and its own line in the plot:
-  python -m resnet_jax.bench.budget_curve ... --budgets 22000 --schedules cosine \
-      --weight_decay 5e-4 --label_smoothing 0.1
+--weight_decay, --label_smoothing and --cutout_size change the recipe (the paper's: 1e-4, 0
+and no cutout); a run with another recipe gets its own folder, its own rows and its own line
+in the plot:
+  python -m resnet_jax.bench.budget_curve ... --budgets 40000 --schedules cosine \
+      --weight_decay 5e-4 --label_smoothing 0.1 --cutout_size 16
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from resnet_jax.training import loop, reporting
 
 SCHEDULES = ("step", "cosine")
 RESULT_FILE = "budget_run.json"
-PAPER_WEIGHT_DECAY, PAPER_LABEL_SMOOTHING = 1e-4, 0.0
+PAPER_WEIGHT_DECAY, PAPER_LABEL_SMOOTHING, PAPER_CUTOUT_SIZE = 1e-4, 0.0, 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,25 +48,30 @@ class BudgetRun:
   training_minutes: float  # in train steps only, from the logged speed
   weight_decay: float = PAPER_WEIGHT_DECAY
   label_smoothing: float = PAPER_LABEL_SMOOTHING
+  cutout_size: int = PAPER_CUTOUT_SIZE
 
   @property
   def recipe(self) -> str:
-    """'paper', or what differs from it: 'wd 0.0005, ls 0.1'."""
+    """'paper', or what differs from it: 'wd 0.0005, ls 0.1, cutout 16'."""
     changes = []
     if self.weight_decay != PAPER_WEIGHT_DECAY:
       changes.append(f"wd {self.weight_decay:g}")
     if self.label_smoothing != PAPER_LABEL_SMOOTHING:
       changes.append(f"ls {self.label_smoothing:g}")
+    if self.cutout_size != PAPER_CUTOUT_SIZE:
+      changes.append(f"cutout {self.cutout_size}")
     return ", ".join(changes) or "paper"
 
 
 def run_config(model: str, cifar_dir: str, data_dir: str, steps: int, schedule: str,
                weight_decay: float = PAPER_WEIGHT_DECAY,
-               label_smoothing: float = PAPER_LABEL_SMOOTHING):
+               label_smoothing: float = PAPER_LABEL_SMOOTHING,
+               cutout_size: int = PAPER_CUTOUT_SIZE):
   """The paper's recipe for `steps`, its learning rate decayed by `schedule`."""
   config = degradation.run_config(model, cifar_dir, data_dir, steps,
                                   eval_every=max(steps // 4, 1), log_every=min(100, steps))
   config.weight_decay, config.label_smoothing = weight_decay, label_smoothing
+  config.cutout_size = cutout_size
   if schedule == "cosine":
     config.schedule, config.step_decay_boundaries = "cosine", ()
   elif schedule != "step":
@@ -83,17 +89,20 @@ def train_run(config, run_dir: str, schedule: str) -> BudgetRun:
   return BudgetRun(config.model, schedule, config.num_train_steps, epochs,
                    metrics["eval/accuracy"], (time.perf_counter() - start) / 60,
                    degradation.training_minutes(run_dir, config.batch_size),
-                   config.weight_decay, config.label_smoothing)
+                   config.weight_decay, config.label_smoothing, config.cutout_size)
 
 
 def run_name(model: str, schedule: str, steps: int, weight_decay: float,
-             label_smoothing: float) -> str:
-  """The run's folder: resnet20_cosine_4000, with _wd…/_ls… where the recipe differs."""
+             label_smoothing: float, cutout_size: int = PAPER_CUTOUT_SIZE) -> str:
+  """The run's folder: resnet20_cosine_4000, with _wd…/_ls…/_cutout… where the recipe
+  differs."""
   name = f"{model}_{schedule}_{steps}"
   if weight_decay != PAPER_WEIGHT_DECAY:
     name += f"_wd{weight_decay:g}"
   if label_smoothing != PAPER_LABEL_SMOOTHING:
     name += f"_ls{label_smoothing:g}"
+  if cutout_size != PAPER_CUTOUT_SIZE:
+    name += f"_cutout{cutout_size}"
   return name
 
 
@@ -158,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="the recipe's weight decay (the paper's: %(default)g)")
   parser.add_argument("--label_smoothing", type=float, default=PAPER_LABEL_SMOOTHING,
                       help="the recipe's label smoothing (the paper's: %(default)g)")
+  parser.add_argument("--cutout_size", type=int, default=PAPER_CUTOUT_SIZE,
+                      help="the side of the square cut out of each training image (0, the "
+                           "paper's: none)")
   args = parser.parse_args(argv)
   check_cifar_dir(parser, args.cifar_dir)
   try:
@@ -165,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   except ValueError:
     parser.error(f"--budgets={args.budgets}: expected comma-separated step counts")
   schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+  if args.cutout_size < 0:
+    parser.error(f"--cutout_size={args.cutout_size}: must be >= 0 (0: no cutout)")
   if not budgets or min(budgets) < 1 or not set(schedules) <= set(SCHEDULES):
     parser.error(f"--budgets must be positive step counts and --schedules among "
                  f"{', '.join(SCHEDULES)}")
@@ -173,12 +187,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   for schedule in schedules:
     for steps in budgets:
       run_dir = os.path.join(workdir, run_name(args.model, schedule, steps, args.weight_decay,
-                                               args.label_smoothing))
+                                               args.label_smoothing, args.cutout_size))
       result_file = os.path.join(run_dir, RESULT_FILE)
       if os.path.exists(result_file):
         continue
       config = run_config(args.model, args.cifar_dir, data_dir, steps, schedule,
-                          args.weight_decay, args.label_smoothing)
+                          args.weight_decay, args.label_smoothing, args.cutout_size)
       run = train_run(config, run_dir, schedule)
       write_json(result_file, dataclasses.asdict(run))
       print(f"{run.recipe}, {schedule}, {steps} steps: {run.val_accuracy:.2%} "

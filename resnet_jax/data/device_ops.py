@@ -1,4 +1,5 @@
-"""Batch ops that run on the accelerator inside the jitted step: normalisation, mixup, cutmix.
+"""Batch ops that run on the accelerator inside the jitted step: normalisation, cutout,
+mixup, cutmix.
 
 Pure JAX functions of explicit PRNG keys. The train step derives the key from its own
 step counter, so a resumed run mixes exactly the same pairs, and no host time is spent.
@@ -48,6 +49,25 @@ def cutmix(key: jax.Array, images: jax.Array, targets: jax.Array, alpha: float
   return mixed, kept * targets + (1.0 - kept) * targets[::-1]
 
 
+def cutout(key: jax.Array, images: jax.Array, size: int) -> jax.Array:
+  """Cutout (DeVries & Taylor 2017): zero a size×size square of each normalised image.
+
+  Each square's centre is uniform over the image, so squares at the border are clipped and
+  cover less; zero is the dataset's mean pixel after normalisation.
+  """
+  batch, height, width = images.shape[:3]
+  y_key, x_key = jax.random.split(key)
+  centre_y = jax.random.randint(y_key, (batch, 1, 1), 0, height)
+  centre_x = jax.random.randint(x_key, (batch, 1, 1), 0, width)
+  rows, cols = jnp.arange(height)[None, :, None], jnp.arange(width)[None, None, :]
+  top, left = centre_y - size // 2, centre_x - size // 2
+  inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+  return jnp.where(inside[..., None], jnp.zeros((), images.dtype), images)
+
+
+CUTOUT_STREAM = 1  # fold_in(step key, this): cutout's key, apart from the mixing keys
+
+
 @dataclasses.dataclass(frozen=True)
 class InputTransform:
   """How the step turns a batch of images into model inputs and soft targets.
@@ -63,6 +83,7 @@ class InputTransform:
   mixup_alpha: float = 0.0  # 0: off
   cutmix_alpha: float = 0.0  # 0: off
   mix_probability: float = 1.0  # of mixing a batch at all; with both on, each half the time
+  cutout_size: int = 0  # 0: off; else the side of the square cut out of each train image
 
   def eval_images(self, images: jax.Array) -> jax.Array:
     if self.mean is None:
@@ -73,8 +94,11 @@ class InputTransform:
 
   def train_inputs(self, key: jax.Array, images: jax.Array, labels: jax.Array,
                    num_classes: int) -> tuple[jax.Array, jax.Array]:
-    """Normalised (and maybe mixed) images, and targets [batch, num_classes] summing to 1."""
+    """Normalised (maybe cut out, maybe mixed) images, and targets [batch, num_classes]
+    summing to 1. Cutout's key is folded from `key`, so the mixing keys do not depend on it."""
     images = self.eval_images(images)
+    if self.cutout_size:
+      images = cutout(jax.random.fold_in(key, CUTOUT_STREAM), images, self.cutout_size)
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     mixers = [(fn, alpha) for fn, alpha in ((mixup, self.mixup_alpha),
                                             (cutmix, self.cutmix_alpha)) if alpha > 0]

@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixup_alpha = 0.0  # > 0: mixup with Beta(alpha, alpha), on the device.
   c.cutmix_alpha = 0.0  # > 0: CutMix with Beta(alpha, alpha), on the device.
   c.mix_probability = 1.0  # of mixing a batch (with both on, mixup or CutMix at random).
+  c.cutout_size = 0  # > 0: cutout, a square of this side zeroed in each train image.
   c.shuffle_buffer = 0  # records shuffled together; 0: the epoch, up to 1 GiB of records.
   c.cache = False  # keep this process's encoded records in memory (small datasets).
   c.data_threads = 0  # tf.data decoding threads; 0: autotuned.
@@ -163,6 +164,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.mixup_alpha >= 0, "mixup_alpha", "must be >= 0 (0 disables mixup)")
   check(config.cutmix_alpha >= 0, "cutmix_alpha", "must be >= 0 (0 disables CutMix)")
   check(0 <= config.mix_probability <= 1, "mix_probability", "must be in [0, 1]")
+  check(config.cutout_size >= 0, "cutout_size", "must be >= 0 (0 disables cutout)")
   check(config.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0 (0: the epoch, up to 1 GiB)")
   check(config.data_threads >= 0, "data_threads", "must be >= 0 (0: autotuned)")
   check(config.prefetch_batches >= 0, "prefetch_batches", "must be >= 0")

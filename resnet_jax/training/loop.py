@@ -76,6 +76,9 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
       zero_init_residual=config.zero_init_residual, drop_path_rate=config.drop_path_rate,
       freeze_batch_stats=config.freeze_batch_stats, layer_impl=config.layer_impl,
       scan_blocks=config.scan_blocks, remat=config.remat, remat_policy=config.remat_policy)
+  if config.cutout_size > image_size:
+    raise ValueError(f"config.cutout_size={config.cutout_size} is larger than the "
+                     f"{image_size}-pixel images: it would erase them whole")
   if image_size < model.min_image_size:
     raise ValueError(f"config.image_size={image_size} is too small for {config.model}: it "
                      f"needs at least {model.min_image_size} pixels per side")
@@ -134,7 +137,8 @@ def setup(config: ml_collections.ConfigDict, dataset: data.DatasetInfo | None = 
 
   inputs = InputTransform(
       mean=info.mean, std=info.std, dtype=DTYPES[config.dtype], mixup_alpha=config.mixup_alpha,
-      cutmix_alpha=config.cutmix_alpha, mix_probability=config.mix_probability)
+      cutmix_alpha=config.cutmix_alpha, mix_probability=config.mix_probability,
+      cutout_size=config.cutout_size)
   train_step = functools.partial(
       steps.train_step, inputs=inputs, learning_rate_fn=schedule,
       label_smoothing=config.label_smoothing, ema_decay=config.ema_decay, grad_accum_steps=accum,
