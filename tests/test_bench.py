@@ -264,6 +264,11 @@ def test_budget_curve_trains_each_budget_and_schedule_once(tmp_path, capsys):
   assert sorted((r["schedule"], r["steps"], r["weight_decay"]) for r in runs) == [
       ("cosine", 2, 1e-4), ("cosine", 2, 5e-4), ("step", 1, 1e-4), ("step", 2, 1e-4)]
   assert all(0 <= r["val_accuracy"] <= 1 and r["wall_minutes"] > 0 for r in runs)
+  # Re-evaluating the last checkpoint gives the accuracy training logged; flip TTA beside it.
+  plain, flip = budget_curve.validation_accuracies(str(tmp_path / "budget" / "resnet8_cosine_2"))
+  cosine_run = next(r for r in runs if r["schedule"] == "cosine" and r["weight_decay"] == 1e-4)
+  assert plain == pytest.approx(cosine_run["val_accuracy"], abs=1e-6)
+  assert cosine_run["val_accuracy_flip"] == pytest.approx(flip, abs=1e-6) and 0 <= flip <= 1
   cosine = json.loads((tmp_path / "budget" / "resnet8_cosine_2" / "config.json").read_text())
   assert cosine["schedule"] == "cosine" and cosine["num_train_steps"] == 2
   assert (cosine["weight_decay"], cosine["label_smoothing"]) == (1e-4, 0.0)
@@ -276,8 +281,13 @@ def test_budget_curve_trains_each_budget_and_schedule_once(tmp_path, capsys):
   assert "| paper | step | 2 |" in table and "| wd 0.0005, ls 0.1, cutout 3 | cosine | 2 |" in table
   assert os.path.getsize(tmp_path / "budget" / "budget.png") > 0
   capsys.readouterr()
+  result_file = tmp_path / "budget" / "resnet8_step_1" / budget_curve.RESULT_FILE
+  result = json.loads(result_file.read_text())
+  del result["val_accuracy_flip"]  # as written before the column existed
+  result_file.write_text(json.dumps(result))
   budget_curve.main(argv + ["--budgets=1", "--schedules=step"])  # not trained again
   assert "steps:" not in capsys.readouterr().out
+  assert 0 <= json.loads(result_file.read_text())["val_accuracy_flip"] <= 1  # filled in
 
 
 @pytest.mark.slow  # 15-25 s: three benchmarks' compiles; each part has a fast test of its own

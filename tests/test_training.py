@@ -298,6 +298,8 @@ def test_a_checkpoint_of_another_model_is_an_error_naming_both_not_a_fallback(tm
 @pytest.mark.parametrize("key,value,message", [
     ("batch_size", 12, "batch_size=12 is not divisible by the 8 devices"),
     ("image_size", 2, "image_size=2 is too small for resnet8"),
+    ("cutout_size", 9, "cutout_size=9 is larger than the 8-pixel images"),
+    ("cutout_size", -1, "cutout_size=-1: must be >= 0"),
     ("dataset", "digts", "Did you mean 'digits'"),
     ("optimizer", "adam", "optimizer='adam': must be one of"),
 ])

@@ -9,7 +9,9 @@ momentum 0.9, lr 0.1, weight decay 1e-4, batch 128, 45k/5k split) compressed to 
 "step" divides the learning rate by 10 at 50% and 75% of the steps, as the paper's 32k and
 48k of 64k; "cosine" decays it to 0 over the steps. Reports the final validation accuracy
 with the wall time of each run (compile, training and evaluations; a resumed run counts
-only its last session) and the time spent in train steps; writes WORKDIR/budget.md,
+only its last session) and the time spent in train steps, and beside it the accuracy with
+flip test-time augmentation (softmax averaged over each image and its mirror; filled in for
+earlier runs whose checkpoints are there); writes WORKDIR/budget.md,
 WORKDIR/budget.json and WORKDIR/budget.png, with every finished run in WORKDIR (earlier
 invocations' too). Runs resume; finished ones are not trained again.
 
@@ -28,7 +30,11 @@ import os
 import time
 from collections.abc import Sequence
 
-from resnet_jax import cli, malloc_tuning
+import jax
+import numpy as np
+from etils import epath
+
+from resnet_jax import cli, data, malloc_tuning, predict, pretrained
 from resnet_jax.bench import check_cifar_dir, degradation, write_json
 from resnet_jax.training import loop, reporting
 
@@ -49,6 +55,7 @@ class BudgetRun:
   weight_decay: float = PAPER_WEIGHT_DECAY
   label_smoothing: float = PAPER_LABEL_SMOOTHING
   cutout_size: int = PAPER_CUTOUT_SIZE
+  val_accuracy_flip: float | None = None  # with flip test-time augmentation
 
   @property
   def recipe(self) -> str:
@@ -92,6 +99,41 @@ def train_run(config, run_dir: str, schedule: str) -> BudgetRun:
                    config.weight_decay, config.label_smoothing, config.cutout_size)
 
 
+def validation_accuracies(run_dir: str, batch_size: int = 500) -> tuple[float, float]:
+  """The validation accuracy of the run's last checkpoint: as evaluated in training, and
+  with flip test-time augmentation (softmax averaged over each image and its mirror)."""
+  with open(os.path.join(run_dir, "config.json")) as f:
+    config = json.load(f)
+  weights = pretrained.load(run_dir)
+  info = data.get_dataset_info(config["dataset"], config["data_dir"] or None,
+                               holdout_fraction=config["holdout_fraction"])
+  apply = predict.apply_fn(weights.info)
+
+  @jax.jit
+  def correct(variables, images, labels, mask):
+    plain = jax.nn.softmax(apply(variables, images))
+    both = plain + jax.nn.softmax(apply(variables, images[:, :, ::-1]))
+    return [((p.argmax(-1) == labels) * mask).sum() for p in (plain, both)]
+
+  counts, total = np.zeros(2), 0.0
+  for batch in data.eval_batches(info, global_batch_size=batch_size,
+                                 image_size=weights.info.image_size):
+    counts += np.asarray(correct(weights.variables, batch["image"], batch["label"],
+                                 batch["mask"]))
+    total += float(batch["mask"].sum())
+  plain, flip = counts / total
+  return float(plain), float(flip)
+
+
+def with_flip_accuracy(run: BudgetRun, run_dir: str) -> BudgetRun:
+  """`run` with val_accuracy_flip measured, where its last checkpoint is still there."""
+  checkpoints = epath.Path(run_dir) / "checkpoints"
+  if (run.val_accuracy_flip is not None or not checkpoints.is_dir()
+      or pretrained.finished_steps(checkpoints)[-1:] != [run.steps]):
+    return run
+  return dataclasses.replace(run, val_accuracy_flip=validation_accuracies(run_dir)[1])
+
+
 def run_name(model: str, schedule: str, steps: int, weight_decay: float,
              label_smoothing: float, cutout_size: int = PAPER_CUTOUT_SIZE) -> str:
   """The run's folder: resnet20_cosine_4000, with _wd…/_ls…/_cutout… where the recipe
@@ -107,22 +149,28 @@ def run_name(model: str, schedule: str, steps: int, weight_decay: float,
 
 
 def finished_runs(workdir: str, model: str) -> list[BudgetRun]:
-  """Every finished run of `model` in `workdir`, this invocation's and earlier ones'."""
+  """Every finished run of `model` in `workdir`, this invocation's and earlier ones', with
+  the flip accuracy measured (and saved) where it is missing and the checkpoint is there."""
   runs = []
   for name in sorted(os.listdir(workdir)):
     result_file = os.path.join(workdir, name, RESULT_FILE)
     if name.startswith(f"{model}_") and os.path.exists(result_file):
       with open(result_file) as f:
-        runs.append(BudgetRun(**json.load(f)))
+        run = BudgetRun(**json.load(f))
+      measured = with_flip_accuracy(run, os.path.join(workdir, name))
+      if measured != run:
+        write_json(result_file, dataclasses.asdict(measured))
+      runs.append(measured)
   return runs
 
 
 def format_table(runs: list[BudgetRun]) -> str:
-  lines = ["| recipe | schedule | steps | epochs | val accuracy | wall time | in train steps |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| recipe | schedule | steps | epochs | val accuracy | with flip TTA | wall time "
+           "| in train steps |", "|---|---|---|---|---|---|---|---|"]
   for r in sorted(runs, key=lambda r: (r.recipe != "paper", r.recipe, r.schedule, r.steps)):
     lines.append(f"| {r.recipe} | {r.schedule} | {r.steps} | {r.epochs:.1f} | "
                  f"{r.val_accuracy:.2%} | "
+                 f"{'—' if r.val_accuracy_flip is None else f'{r.val_accuracy_flip:.2%}'} | "
                  f"{r.wall_minutes:.1f} min | {r.training_minutes:.1f} min |")
   return "\n".join(lines)
 
