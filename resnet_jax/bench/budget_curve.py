@@ -176,30 +176,41 @@ def format_table(runs: list[BudgetRun]) -> str:
 
 
 def plot(runs: list[BudgetRun], path: str) -> None:
-  """Validation accuracy against wall time, one line per recipe and schedule, budgets marked."""
+  """Validation accuracy against wall time, one line per recipe and schedule, budgets marked;
+  hollow markers of the same colour: the same runs with flip test-time augmentation."""
   from matplotlib.figure import Figure
-  fig = Figure(figsize=(6.5, 4.5))
+  fig = Figure(figsize=(7, 5))
   ax = fig.subplots()
   recipes = sorted({r.recipe for r in runs}, key=lambda recipe: (recipe != "paper", recipe))
-  for recipe in recipes:
+  flip_labelled = False
+  for index, recipe in enumerate(recipes):
     for schedule, marker, label_offset in zip(SCHEDULES, "os", ((4, -10), (4, 6))):
       line = sorted((r for r in runs if (r.recipe, r.schedule) == (recipe, schedule)),
                     key=lambda r: r.steps)
       if not line:
         continue
       label = f"{schedule} schedule" + ("" if recipe == "paper" else f" ({recipe})")
-      ax.plot([r.wall_minutes for r in line], [100 * r.val_accuracy for r in line],
-              marker=marker, label=label)
-      for r in line:  # step labels below their points, cosine labels above
+      (drawn,) = ax.plot([r.wall_minutes for r in line], [100 * r.val_accuracy for r in line],
+                         marker=marker, label=label)
+      flips = [r for r in line if r.val_accuracy_flip is not None]
+      ax.plot([r.wall_minutes for r in flips], [100 * r.val_accuracy_flip for r in flips],
+              linestyle="none", marker=marker, markerfacecolor="none", color=drawn.get_color(),
+              label=None if flip_labelled or not flips else "with flip TTA (hollow)")
+      flip_labelled = flip_labelled or bool(flips)
+      # step labels below their points, cosine labels above; recipes after the first two
+      # alternate sides, so runs of the same length at nearby times stay readable
+      offset = label_offset if index < 2 or index % 2 else (label_offset[0] - 60, -12)
+      for r in line:
         ax.annotate(f"{r.steps} steps", (r.wall_minutes, 100 * r.val_accuracy), fontsize=8,
-                    textcoords="offset points", xytext=label_offset)
+                    textcoords="offset points", xytext=offset)
   ax.axhline(90, color="gray", linestyle=":", label="90%")
   low, high = ax.get_ylim()
   ax.set_ylim(low, max(high, 91))  # the 90% line inside the frame
+  ax.set_xlim(0, max(r.wall_minutes for r in runs) * 1.15)  # room for the last labels
   ax.set(xlabel="wall time per run (minutes)", ylabel="validation accuracy (%)",
          title=f"{runs[0].model}, CIFAR-10 45k/5k: accuracy against budget")
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=8, loc="lower right")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
