@@ -198,9 +198,11 @@ def plot(runs: list[BudgetRun], path: str) -> None:
               label=None if flip_labelled or not flips else "with flip TTA (hollow)")
       flip_labelled = flip_labelled or bool(flips)
       # step labels below their points, cosine labels above; recipes after the first two
-      # alternate sides, so runs of the same length at nearby times stay readable
-      offset = label_offset if index < 2 or index % 2 else (label_offset[0] - 60, -12)
-      for r in line:
+      # put them left and below, the last point's right and above (clear of its neighbours)
+      for position, r in enumerate(line):
+        offset = label_offset
+        if index >= 2 and not index % 2:
+          offset = (6, 8) if position == len(line) - 1 else (label_offset[0] - 60, -12)
         ax.annotate(f"{r.steps} steps", (r.wall_minutes, 100 * r.val_accuracy), fontsize=8,
                     textcoords="offset points", xytext=offset)
   ax.axhline(90, color="gray", linestyle=":", label="90%")
