@@ -197,8 +197,9 @@ def plot(runs: list[BudgetRun], path: str) -> None:
               linestyle="none", marker=marker, markerfacecolor="none", color=drawn.get_color(),
               label=None if flip_labelled or not flips else "with flip TTA (hollow)")
       flip_labelled = flip_labelled or bool(flips)
-      # step labels below their points, cosine labels above; recipes after the first two
-      # put them left and below, the last point's right and above (clear of its neighbours)
+      # step labels below their points, cosine labels above; of the recipes after the first two,
+      # every second puts them left and below, its last point's
+      # right and above, so runs of the same length at nearby times stay readable
       for position, r in enumerate(line):
         offset = label_offset
         if index >= 2 and not index % 2:
