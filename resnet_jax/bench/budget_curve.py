@@ -197,13 +197,13 @@ def plot(runs: list[BudgetRun], path: str) -> None:
               linestyle="none", marker=marker, markerfacecolor="none", color=drawn.get_color(),
               label=None if flip_labelled or not flips else "with flip TTA (hollow)")
       flip_labelled = flip_labelled or bool(flips)
-      # step labels below their points, cosine labels above; of the recipes after the first two,
-      # every second puts them left and below, its last point's
-      # right and above, so runs of the same length at nearby times stay readable
-      for position, r in enumerate(line):
-        offset = label_offset
-        if index >= 2 and not index % 2:
-          offset = (6, 8) if position == len(line) - 1 else (label_offset[0] - 60, -12)
+      # step labels below their points, cosine labels above; of the recipes after the first
+      # two, every second puts them left and below, its last point's right and above, so runs
+      # of the same length at nearby times stay readable
+      offsets = [label_offset] * len(line)
+      if index >= 2 and not index % 2:
+        offsets = [(label_offset[0] - 60, -12)] * (len(line) - 1) + [(6, 8)]
+      for r, offset in zip(line, offsets):
         ax.annotate(f"{r.steps} steps", (r.wall_minutes, 100 * r.val_accuracy), fontsize=8,
                     textcoords="offset points", xytext=offset)
   ax.axhline(90, color="gray", linestyle=":", label="90%")
